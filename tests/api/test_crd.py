@@ -55,3 +55,10 @@ def test_crd_declares_short_name_status_subresource_and_printer_columns():
     assert doc["spec"]["names"]["shortNames"] == ["ltj"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Eval", "Age"]
+
+
+def test_spec_reference_doc_is_fresh():
+    from lora_operator.api import reference
+
+    doc = CRD_FILE.parents[1] / "docs" / "spec-reference.md"
+    assert doc.read_text() == reference.render(), "docs/spec-reference.md is stale: run `make crds`"
