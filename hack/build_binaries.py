@@ -85,7 +85,7 @@ def staging_replaces(version: str) -> dict[str, str]:
                          env=dict(os.environ, GOTOOLCHAIN="local")).stdout
     gomod = Path(json.loads(out)["GoMod"]).read_text()
     staging_version = "v0" + version[2:]  # v1.34.4 -> v0.34.4
-    mods = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.M)
+    mods = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.MULTILINE)
     return {m: staging_version for m in mods}
 
 

@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""A real, local Kubernetes control plane for development and tests (dev tooling, not product).
+
+    python hack/localcluster.py up       # build binaries if needed, start, wait until healthy
+    python hack/localcluster.py status   # exit 0 when everything is up and healthy
+    python hack/localcluster.py down     # stop everything started by `up` (idempotent)
+    python hack/localcluster.py down --purge   # ... and delete the cluster state in .local/
+
+Runs on loopback with free ports: etcd, kube-apiserver (token auth, Node+RBAC authorization,
+service-account signing keys), kube-controller-manager (job, garbage collector, namespace,
+service accounts, ...), SeaweedFS S3 (credentials required) and hack/podrunner.py, which plays
+kubelet + scheduler for one Node ``local-gpu-node`` with ``nvidia.com/gpu: 8``.
+
+Everything lives under ``<repo>/.local/``: ``kubeconfig`` (admin), ``s3.env``, ``state.json``
+(ports, secrets), ``pids/``, ``logs/``, ``pods/`` (pod runner work dirs). Ports and credentials are
+kept across down/up so etcd data stays consistent; ``down --purge`` starts from scratch.
+Binaries: see hack/build_binaries.py (``KUBEBUILDER_ASSETS`` is honoured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_binaries
+import localcluster_pki as pki
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = Path(os.environ.get("LORA_LOCAL_DIR", REPO / ".local"))
+NODE_NAME = "local-gpu-node"
+SERVICE_CIDR = "10.96.0.0/16"
+CONTROLLERS = ",".join(f"{c}-controller" for c in [
+    "job", "cronjob", "ttl-after-finished", "garbage-collector", "namespace", "serviceaccount",
+    "serviceaccount-token", "resourcequota", "root-ca-certificate-publisher", "replicaset",
+    "deployment", "statefulset", "disruption", "endpoints", "endpointslice",
+    "clusterrole-aggregation",
+])  # deliberately no node-lifecycle-controller: it would taint our fake node
+# Components in start order; `down` stops them in reverse.
+COMPONENTS = ("etcd", "s3", "kube-apiserver", "kube-controller-manager", "podrunner")
+STOP_TIMEOUT = {"s3": 3.0, "kube-apiserver": 5.0, "podrunner": 15.0}
+
+
+def log(msg: str) -> None:
+    print(f"[localcluster {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- state, binaries, processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+PORT_NAMES = ("etcd", "etcd_peer", "apiserver", "s3", "s3_grpc", "weed_master", "weed_master_grpc",
+              "weed_volume", "weed_volume_grpc", "weed_filer", "weed_filer_grpc")
+
+
+def load_state(fresh_ports: bool) -> dict:
+    path = LOCAL / "state.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state.setdefault("admin_token", secrets.token_hex(16))
+    state.setdefault("kcm_token", secrets.token_hex(16))
+    state.setdefault("s3_access_key", "lora-dev")
+    state.setdefault("s3_secret_key", secrets.token_hex(16))
+    ports = state.setdefault("ports", {})
+    for name in PORT_NAMES:
+        if name not in ports or (fresh_ports and not port_free(ports[name])):
+            ports[name] = free_port()
+    LOCAL.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+    path.chmod(0o600)
+    return state
+
+
+def find_binary(name: str) -> str:
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    candidates = [Path(assets) / name] if assets else []
+    candidates.append(build_binaries.bin_dir() / name)
+    candidates.append(Path(sys.executable).parent / name)
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise SystemExit(f"{name} not found (run hack/build-binaries.sh, or pip install the dev extras)")
+
+
+def pid_file(name: str) -> Path:
+    return LOCAL / "pids" / f"{name}.pid"
+
+
+def running_pid(name: str) -> int | None:
+    """The pid we recorded for a component, if that process still runs the same command."""
+    try:
+        pid, marker = pid_file(name).read_text().split(maxsplit=1)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return int(pid) if marker.strip() in cmdline else None
+
+
+def spawn(name: str, argv: list[str], env: dict | None = None, marker: str | None = None) -> None:
+    (LOCAL / "logs").mkdir(parents=True, exist_ok=True)
+    (LOCAL / "pids").mkdir(parents=True, exist_ok=True)
+    with open(LOCAL / "logs" / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=LOCAL, env=env)
+    pid_file(name).write_text(f"{proc.pid} {marker or Path(argv[0]).name}\n")
+    log(f"started {name} (pid {proc.pid}), log: {LOCAL / 'logs' / (name + '.log')}")
+
+
+def stop(name: str) -> None:
+    pid = running_pid(name)
+    if pid is not None:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + STOP_TIMEOUT.get(name, 10.0)
+        while time.monotonic() < deadline and running_pid(name) == pid and not _zombie(pid):
+            time.sleep(0.1)
+        if running_pid(name) == pid and not _zombie(pid):
+            log(f"{name} did not stop on SIGTERM; sending SIGKILL")
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log(f"stopped {name} (pid {pid})")
+    pid_file(name).unlink(missing_ok=True)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# ---------------------------------------------------------------- component command lines
+
+def etcd_argv(st: dict) -> list[str]:
+    p = st["ports"]
+    return [find_binary("etcd"), "--name=local", f"--data-dir={LOCAL / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--listen-peer-urls=http://127.0.0.1:{p['etcd_peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd_peer']}",
+            f"--initial-cluster=local=http://127.0.0.1:{p['etcd_peer']}",
+            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648"]
+
+
+def apiserver_argv(st: dict) -> list[str]:
+    p, k = st["ports"], LOCAL / "pki"
+    return [find_binary("kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={p['apiserver']}",
+            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
+            f"--client-ca-file={k / 'ca.crt'}",
+            f"--token-auth-file={k / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC", "--anonymous-auth=true",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={k / 'sa.pub'}",
+            f"--service-account-signing-key-file={k / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # The kubernetes Service cannot point at loopback; pods get KUBERNETES_SERVICE_HOST
+            # from the pod runner instead.
+            "--endpoint-reconciler-type=none",
+            "--allow-privileged=true", "--profiling=false", "--v=1"]
+
+
+def controller_manager_argv(st: dict) -> list[str]:
+    k = LOCAL / "pki"
+    return [find_binary("kube-controller-manager"),
+            f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}",
+            f"--controllers={CONTROLLERS}", "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={k / 'sa.key'}", f"--root-ca-file={k / 'ca.crt'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--secure-port=0", "--v=1"]
+
+
+def s3_argv(st: dict) -> list[str]:
+    p = st["ports"]
+    (LOCAL / "s3").mkdir(exist_ok=True)
+    config = LOCAL / "s3-identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "admin",
+        "credentials": [{"accessKey": st["s3_access_key"], "secretKey": st["s3_secret_key"]}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.chmod(0o600)
+    sock = LOCAL / "pids"
+    return [find_binary("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-dir={LOCAL / 's3'}", "-master.electionTimeout=1s", "-master.telemetry=false",
+            f"-master.port={p['weed_master']}", f"-master.port.grpc={p['weed_master_grpc']}",
+            "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+            f"-volume.port={p['weed_volume']}", f"-volume.port.grpc={p['weed_volume_grpc']}",
+            f"-filer.port={p['weed_filer']}", f"-filer.port.grpc={p['weed_filer_grpc']}",
+            f"-filer.localSocket={sock / 'weed-filer.sock'}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+            f"-s3.localSocket={sock / 'weed-s3.sock'}"]
+
+
+def podrunner_python() -> str:
+    """An interpreter with the kubernetes client: $LORA_PYTHON, this one, or the project venv."""
+    import importlib.util
+
+    if os.environ.get("LORA_PYTHON"):
+        return os.environ["LORA_PYTHON"]
+    venv = build_binaries.CACHE / "venv" / "bin" / "python"
+    if importlib.util.find_spec("kubernetes") is None and venv.exists():
+        return str(venv)
+    return sys.executable
+
+
+def podrunner_argv(st: dict) -> list[str]:
+    python = podrunner_python()
+    return [python, str(REPO / "hack" / "podrunner.py"), f"--kubeconfig={LOCAL / 'kubeconfig'}",
+            f"--node-name={NODE_NAME}", f"--work-dir={LOCAL / 'pods'}"]
+
+
+# ---------------------------------------------------------------- health
+
+def _get(url: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(LOCAL / "pki" / "ca.crt"))
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (OSError, ssl.SSLError):
+        return 0, b""
+
+
+def checks(st: dict) -> dict[str, bool]:
+    """Named health checks, cheapest first; each is True when healthy."""
+    api = f"https://127.0.0.1:{st['ports']['apiserver']}"
+    tok = st["admin_token"]
+    out = {"s3": _get(f"http://127.0.0.1:{st['ports']['s3']}/")[0] in (200, 403)}
+    out["apiserver /readyz"] = _get(f"{api}/readyz", tok)[0] == 200
+    out["default serviceaccount"] = out["apiserver /readyz"] and _get(
+        f"{api}/api/v1/namespaces/default/serviceaccounts/default", tok)[0] == 200
+    code, body = _get(f"{api}/api/v1/nodes/{NODE_NAME}", tok) if out["apiserver /readyz"] else (0, b"")
+    ready = code == 200 and any(c["type"] == "Ready" and c["status"] == "True"
+                                for c in json.loads(body).get("status", {}).get("conditions", []))
+    out[f"node {NODE_NAME} Ready"] = ready
+    for name in COMPONENTS:
+        out[f"process {name}"] = running_pid(name) is not None
+    return out
+
+
+def wait_healthy(st: dict, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = checks(st)
+        if all(result.values()):
+            return
+        dead = [k for k, v in result.items() if k.startswith("process ") and not v]
+        if dead or time.monotonic() > deadline:
+            failing = [k for k, v in result.items() if not v]
+            raise SystemExit(f"local cluster not healthy: {failing}; see {LOCAL / 'logs'}")
+        time.sleep(0.25)
+
+
+def wait_for(name: str, probe, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if running_pid(name) is None:
+            raise SystemExit(f"{name} exited; see {LOCAL / 'logs' / (name + '.log')}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {name}; see {LOCAL / 'logs'}")
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_up(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    if (LOCAL / "state.json").exists():
+        st = load_state(fresh_ports=False)
+        if all(checks(st).values()):
+            log(f"already up ({time.monotonic() - started:.1f}s); KUBECONFIG={LOCAL / 'kubeconfig'}")
+            return 0
+    cmd_down(argparse.Namespace(purge=False, quiet=True))
+    if not os.environ.get("KUBEBUILDER_ASSETS") or not all(
+            (Path(os.environ["KUBEBUILDER_ASSETS"]) / b).is_file() for b in build_binaries.BINARIES):
+        subprocess.run([sys.executable, str(Path(__file__).parent / "build_binaries.py")], check=True)
+    st = load_state(fresh_ports=True)
+    pki.ensure(LOCAL / "pki", st, NODE_NAME)
+    pki.write_kubeconfigs(LOCAL, st)
+    write_s3_env(st)
+    for attempt in (1, 2):
+        try:
+            start_components(st)
+            wait_healthy(st, timeout=args.timeout)
+            break
+        except SystemExit as e:
+            if attempt == 2:
+                raise
+            log(f"{e}; retrying once")
+            cmd_down(argparse.Namespace(purge=False, quiet=True))
+            st = load_state(fresh_ports=True)
+            pki.write_kubeconfigs(LOCAL, st)
+            write_s3_env(st)
+    log(f"up in {time.monotonic() - started:.1f}s")
+    log(f"export KUBECONFIG={LOCAL / 'kubeconfig'}; set -a; . {LOCAL / 's3.env'}; set +a")
+    return 0
+
+
+def start_components(st: dict) -> None:
+    spawn("etcd", etcd_argv(st))
+    spawn("s3", s3_argv(st))
+    wait_for("etcd", lambda: _get(f"http://127.0.0.1:{st['ports']['etcd']}/health")[0] == 200)
+    spawn("kube-apiserver", apiserver_argv(st))
+    api = f"https://127.0.0.1:{st['ports']['apiserver']}"
+    wait_for("kube-apiserver", lambda: _get(f"{api}/readyz", st["admin_token"])[0] == 200)
+    spawn("kube-controller-manager", controller_manager_argv(st))
+    env = dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"]))
+    spawn("podrunner", podrunner_argv(st), env=env, marker="podrunner.py")
+
+
+def write_s3_env(st: dict) -> None:
+    path = LOCAL / "s3.env"
+    path.write_text(f"S3_ENDPOINT=http://127.0.0.1:{st['ports']['s3']}\n"
+                    f"AWS_ACCESS_KEY_ID={st['s3_access_key']}\n"
+                    f"AWS_SECRET_ACCESS_KEY={st['s3_secret_key']}\n")
+    path.chmod(0o600)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    for name in reversed(COMPONENTS):
+        stop(name)
+    if args.purge:
+        for sub in ("etcd", "s3", "pods", "pvcs", "pki", "logs", "pids", "sessions"):
+            shutil.rmtree(LOCAL / sub, ignore_errors=True)
+        for f in ("state.json", "kubeconfig", "kube-controller-manager.kubeconfig", "s3.env",
+                  "s3-identities.json"):
+            (LOCAL / f).unlink(missing_ok=True)
+        log(f"purged {LOCAL}")
+    elif not getattr(args, "quiet", False):
+        log("down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not (LOCAL / "state.json").exists():
+        print("not initialised (run: python hack/localcluster.py up)")
+        return 1
+    st = load_state(fresh_ports=False)
+    result = checks(st)
+    for name, ok in result.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    print(f"KUBECONFIG={LOCAL / 'kubeconfig'}")
+    return 0 if all(result.values()) else 1
+
+
+def locked(func):
+    """Serialise up/down across processes (several test sessions may share one .local/)."""
+    def wrapper(args: argparse.Namespace) -> int:
+        import fcntl
+
+        LOCAL.mkdir(parents=True, exist_ok=True)
+        with open(LOCAL / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return func(args)
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the local cluster (no-op when already healthy)")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+    up.set_defaults(func=locked(cmd_up))
+    down = sub.add_parser("down", help="stop the local cluster")
+    down.add_argument("--purge", action="store_true", help="also delete its state in .local/")
+    down.set_defaults(func=locked(cmd_down))
+    sub.add_parser("status", help="health of each component").set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
