@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 
 from .base import ApiModel
 
-Phase = Literal["Pending", "Queued", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Rejected"]
+Phase = Literal["Pending", "Queued", "Suspended", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Rejected"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 

@@ -1,0 +1,41 @@
+"""The trainer's config: the whole manifest with defaults resolved, and no secret values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from ..api import API_VERSION, KIND, LoRATrainingJobSpec
+from .names import CONFIG_FILE, configmap_name, labels
+from .owner import Owner, trainer_annotations
+
+
+def trainer_manifest(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None) -> dict[str, Any]:
+    """The LoRATrainingJob as the trainer should see it: every default filled in."""
+    resolved = spec.model_copy(deep=True)
+    resolved.image = image
+    if endpoint and not resolved.storage.endpoint:
+        resolved.storage.endpoint = endpoint
+    metadata: dict[str, Any] = {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid}
+    if owner.labels:
+        metadata["labels"] = dict(owner.labels)
+    annotations = trainer_annotations(owner.annotations)
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": resolved.to_wire()}
+
+
+def build_configmap(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None) -> dict[str, Any]:
+    manifest = trainer_manifest(owner, spec, image=image, endpoint=endpoint)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(owner.name),
+            "namespace": owner.namespace,
+            "labels": labels(owner.name, "config"),
+            "ownerReferences": [owner.reference()],
+        },
+        "data": {CONFIG_FILE: yaml.safe_dump(manifest, sort_keys=True)},
+    }

@@ -1,0 +1,139 @@
+"""The only module that talks to the Kubernetes API (kubernetes client, plain camelCase dicts)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from ..api import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+MERGE = "application/merge-patch+json"
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def _json(response: Any) -> Any:
+    return json.loads(response.data)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KubeClient:
+    def __init__(self, api_client: client.ApiClient | None = None, timeout: float = 30.0):
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = client.ApiClient()
+        self.api = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.timeout = timeout
+        self._groups: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+    def _call(self, fn, *args, **kwargs) -> Any:
+        return _json(fn(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs))
+
+    # LoRATrainingJobs
+    def get_ltj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_ltjs(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        namespaces = tuple(namespaces)
+        if not namespaces:
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)["items"]
+        items: list[dict[str, Any]] = []
+        for ns in namespaces:
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL)["items"]
+        return items
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE, _request_timeout=self.timeout)
+
+    # Children
+    def list_jobs(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        return self._call(self.batch.list_namespaced_job, namespace, label_selector=_selector(labels))["items"]
+
+    def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        selector = f"{JOB_NAME_LABEL}={job_name}"
+        return self._call(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
+
+    def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Create, or adopt the existing object of that name (AlreadyExists): idempotent."""
+        kind, ns, name = manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        create, read = {
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+        }[kind]
+        try:
+            return self._call(create, ns, dict(manifest))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            log.info("%s %s/%s already exists; adopting it", kind, ns, name)
+            return self._call(read, name, ns)
+
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
+        return self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+
+    def list_quotas(self, namespace: str) -> list[dict[str, Any]]:
+        return self._call(self.core.list_namespaced_resource_quota, namespace)["items"]
+
+    def has_api_group(self, group: str, ttl: float = 60.0) -> bool:
+        fetched, groups = self._groups
+        if time.monotonic() - fetched > ttl:
+            found = self._call(client.ApisApi(self.api).get_api_versions)
+            groups = frozenset(g["name"] for g in found.get("groups", []))
+            self._groups = (time.monotonic(), groups)
+        return group in groups
+
+    def read_secret_keys(self, namespace: str, name: str, keys: Iterable[str]) -> dict[str, str]:
+        """Decoded values of some keys of a Secret. Callers must never log or store them."""
+        import base64
+
+        try:
+            data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+        except ApiException as exc:
+            log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
+            return {}
+        return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
+
+    def emit_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = owner["metadata"]
+        stamp = now_rfc3339()
+        event = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": owner.get("apiVersion"), "kind": owner.get("kind"),
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "lora-operator"}, "reportingComponent": "lora-operator",
+            "reportingInstance": "lora-operator", "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _request_timeout=self.timeout)
+        except ApiException as exc:  # an Event is best effort
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)

@@ -1,0 +1,169 @@
+"""Operator settings: every knob is an environment variable (the Helm chart maps values to them).
+
+Pure: parsing only, no I/O. `OperatorConfig.from_env(os.environ)` is called once, by the single
+`@kopf.on.startup` handler (handlers/kopf_handlers.py), which also applies the kopf settings.
+
+Environment variables (Helm value in brackets is a suggestion for the chart):
+
+  LORA_ALLOWED_BASE_MODEL_PREFIXES  comma list of URI prefixes a spec.baseModel.uri must start
+                                    with; empty = any  [policy.allowedBaseModelPrefixes]
+  LORA_MAX_GPUS_PER_JOB             max resources.gpus x resources.nodes; 0 = no limit  [policy.maxGpusPerJob]
+  LORA_MAX_RUNNING_JOBS_PER_NAMESPACE  running trainer Jobs per namespace; 0 = no limit
+                                    [policy.maxRunningJobsPerNamespace]
+  LORA_ALLOWED_IMAGES               comma list of allowed trainer images (exact, or a prefix ending
+                                    in ':' '@' or '/'); empty = any  [policy.allowedImages]
+  LORA_DEFAULT_IMAGE                trainer image when spec.image is empty  [trainer.image]
+                                    (alias LORA_DEFAULT_TRAINER_IMAGE)
+  LORA_DEFAULT_QUEUE                Kueue LocalQueue when spec.queueName is empty; empty = no Kueue
+                                    [kueue.defaultQueue]
+  LORA_S3_ENDPOINT                  S3 endpoint when spec.storage.endpoint is empty  [s3.endpoint]
+  LORA_S3_ACCESS_KEY_ID / LORA_S3_SECRET_ACCESS_KEY  (aliases AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
+                                    the operator's OWN (read-only is enough) credentials for reading
+                                    progress.json; when unset, the operator reads the job's
+                                    spec.storage.secretName Secret (needs `get secrets`)  [objectStore.*]
+  LORA_READ_JOB_SECRETS             false: never read job Secrets (then grant no `get secrets`;
+                                    without own credentials progress.json is read anonymously)
+  LORA_PROGRESS_INTERVAL            seconds between two progress.json reads per job (default 30)
+                                    (alias LORA_PROGRESS_INTERVAL_S)
+  LORA_RESYNC_INTERVAL              seconds between two level-based passes over all jobs (default 30)
+  LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
+                                    "lora-trainer run"); tests point it at a fake trainer
+  LORA_TERMINATION_GRACE_SECONDS    pod grace period for the final checkpoint (default 120)
+  LORA_METRICS_PORT                 Prometheus /metrics port; 0 = off (default 8080)
+  LORA_LIVENESS_ENDPOINT            kopf liveness URL (default http://0.0.0.0:8081/healthz)
+  LORA_LOG_FORMAT                   plain | json (default plain)
+  LORA_WATCH_TIMEOUT                server-side watch timeout, seconds (default 60)
+  LORA_REQUEST_TIMEOUT              API request timeout, seconds (default 30)
+  LORA_NAMESPACES                   comma list of namespaces to watch; empty = all (the command
+                                    line --namespace / --all-namespaces wins) (alias LORA_WATCH_NAMESPACES)
+
+RBAC the operator needs: `RBAC_RULES` below (ClusterRole for --all-namespaces; with --namespace a
+Role per namespace is enough for the namespaced rows, plus the cluster-scoped CRD row). In short:
+  training.lora.dev  loratrainingjobs           get list watch patch   (patch: kopf's annotations)
+  training.lora.dev  loratrainingjobs/status    get patch
+  training.lora.dev  loratrainingjobs/finalizers  update  (blockOwnerDeletion on the children)
+  batch              jobs                       get list watch create patch
+  ""                 pods                       list                   (failure reasons of attempts)
+  ""                 configmaps, services       get create
+  ""                 resourcequotas             list                   (GPU quota check)
+  ""                 events                     create                 (ours and kopf's)
+  ""                 secrets                    get    only when LORA_S3_ACCESS_KEY_ID is unset
+  ""                 namespaces                 list watch             (kopf, with --all-namespaces)
+  apiextensions.k8s.io customresourcedefinitions  list watch         (kopf's resource scanning)
+  API discovery (`/apis`, Kueue detection) is open to every authenticated user.
+tests/operator/test_operator_cluster.py runs the operator under exactly these rules.
+
+Retention: the operator adds no finalizer. Deleting a LoRATrainingJob deletes its Jobs, Pods,
+ConfigMap and Service through owner references (garbage collector); artifacts and checkpoints in
+object storage are kept on purpose (they are the product; clean them up with a bucket lifecycle rule).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
+
+RBAC_RULES: tuple[dict, ...] = (
+    {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/status"], "verbs": ["get", "patch"]},
+    # blockOwnerDeletion on children needs this where OwnerReferencesPermissionEnforcement is on
+    {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["resourcequotas"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # drop with LORA_S3_ACCESS_KEY_ID set
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+)
+
+
+def _get(env: Mapping[str, str], *names: str) -> str:
+    """The first non-empty of several names (the primary name first, then accepted aliases)."""
+    return next((env[n] for n in names if env.get(n, "").strip()), "")
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *aliases: str) -> float:
+    raw = _get(env, name, *aliases)
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a spec may ask for in this cluster."""
+
+    allowed_base_model_prefixes: tuple[str, ...] = ()
+    max_gpus_per_job: int = 0
+    max_running_jobs_per_namespace: int = 0
+    allowed_images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    policy: Policy = field(default_factory=Policy)
+    default_image: str = DEFAULT_IMAGE
+    default_queue: str | None = None
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = field(default=None, repr=False)
+    s3_secret_key: str | None = field(default=None, repr=False)
+    read_job_secrets: bool = True
+    progress_interval: float = 30.0
+    resync_interval: float = 30.0
+    trainer_command: tuple[str, ...] = ("lora-trainer", "run")
+    termination_grace_seconds: int = 120
+    metrics_port: int = 8080
+    liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
+    log_format: str = "plain"
+    watch_timeout: float = 60.0
+    request_timeout: float = 30.0
+    namespaces: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
+        policy = Policy(
+            allowed_base_model_prefixes=_list(env.get("LORA_ALLOWED_BASE_MODEL_PREFIXES")),
+            max_gpus_per_job=_int(env, "LORA_MAX_GPUS_PER_JOB", 0),
+            max_running_jobs_per_namespace=_int(env, "LORA_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
+            allowed_images=_list(env.get("LORA_ALLOWED_IMAGES")),
+        )
+        log_format = env.get("LORA_LOG_FORMAT", "plain").strip() or "plain"
+        if log_format not in ("plain", "json"):
+            raise ValueError(f"LORA_LOG_FORMAT: expected plain or json, got {log_format!r}")
+        return cls(
+            policy=policy,
+            default_image=_get(env, "LORA_DEFAULT_IMAGE", "LORA_DEFAULT_TRAINER_IMAGE").strip() or DEFAULT_IMAGE,
+            default_queue=env.get("LORA_DEFAULT_QUEUE", "").strip() or None,
+            s3_endpoint=env.get("LORA_S3_ENDPOINT", "").strip() or None,
+            s3_access_key=_get(env, "LORA_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID") or None,
+            s3_secret_key=_get(env, "LORA_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY") or None,
+            read_job_secrets=_get(env, "LORA_READ_JOB_SECRETS").strip().lower() not in ("false", "0", "no"),
+            progress_interval=_float(env, "LORA_PROGRESS_INTERVAL", 30.0, "LORA_PROGRESS_INTERVAL_S"),
+            resync_interval=_float(env, "LORA_RESYNC_INTERVAL", 30.0),
+            trainer_command=tuple(shlex.split(env.get("LORA_TRAINER_COMMAND", ""))) or ("lora-trainer", "run"),
+            termination_grace_seconds=_int(env, "LORA_TERMINATION_GRACE_SECONDS", 120),
+            metrics_port=_int(env, "LORA_METRICS_PORT", 8080),
+            liveness_endpoint=env.get("LORA_LIVENESS_ENDPOINT", "").strip() or "http://0.0.0.0:8081/healthz",
+            log_format=log_format,
+            watch_timeout=_float(env, "LORA_WATCH_TIMEOUT", 60.0),
+            request_timeout=_float(env, "LORA_REQUEST_TIMEOUT", 30.0),
+            namespaces=_list(_get(env, "LORA_NAMESPACES", "LORA_WATCH_NAMESPACES")),
+        )

@@ -1,0 +1,55 @@
+"""Thin kopf handlers: each one only names the object to reconcile (see reconcile.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import kopf
+
+from ..api import GROUP, PLURAL, VERSION
+from ..builders import MANAGED_BY
+from ..config import OperatorConfig
+from .runtime import Runtime
+
+PROGRESS_PREFIX = "kopf.lora.dev"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    """The one place where env (Helm values) becomes operator and kopf settings."""
+    config = OperatorConfig.from_env(os.environ)
+    settings.watching.server_timeout = int(config.watch_timeout)
+    settings.watching.client_timeout = config.watch_timeout + 10
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = config.request_timeout
+    settings.networking.connect_timeout = 10
+    settings.posting.level = logging.WARNING  # our own Events carry the story; kopf posts only trouble
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PROGRESS_PREFIX, key="last-handled-configuration")
+    settings.execution.max_workers = 8
+    namespaces = getattr(memo, "namespaces", None) or config.namespaces
+    memo.runtime = Runtime(config, namespaces)
+    memo.runtime.start()
+    logger.info("lora-operator configured: %s", config)
+
+
+@kopf.on.cleanup()
+def shutdown(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "runtime", None):
+        memo.runtime.stop()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec.suspend", backoff=5)
+def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    memo.runtime.reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def child_job_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """React at once when a trainer Job changes instead of waiting for the next resync."""
+    if body.get("metadata", {}).get("ownerReferences"):
+        memo.runtime.reconcile_owner_of({"metadata": dict(body["metadata"])})

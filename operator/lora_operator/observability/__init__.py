@@ -1,0 +1,1 @@
+"""Prometheus metrics (an I/O edge: it serves HTTP)."""

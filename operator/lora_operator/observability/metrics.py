@@ -1,0 +1,69 @@
+"""Prometheus metrics of the operator, served on LORA_METRICS_PORT (/metrics)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from ..api import PHASES
+
+_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
+    return max(0.0, (parse(end) - parse(start)).total_seconds())
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("lora_operator_jobs", "LoRATrainingJobs by phase", ["phase"], registry=r)
+        self.reconcile_errors = Counter("lora_operator_reconcile_errors_total",
+                                        "Reconcile passes that raised", ["kind"], registry=r)
+        self.reconciles = Counter("lora_operator_reconciles_total", "Reconcile passes", registry=r)
+        self.job_created = Histogram("lora_operator_apply_to_job_created_seconds",
+                                     "LoRATrainingJob creation to its first Job", buckets=_BUCKETS, registry=r)
+        self.queue_time = Histogram("lora_operator_time_in_queue_seconds",
+                                    "LoRATrainingJob creation to first Running", buckets=_BUCKETS, registry=r)
+        self.training = Histogram("lora_operator_training_duration_seconds",
+                                  "startTime to completionTime of finished jobs", ["phase"],
+                                  buckets=_BUCKETS, registry=r)
+        self._phases: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, registry=self.registry)
+
+    def set_phase(self, uid: str, phase: str | None) -> None:
+        with self._lock:
+            if phase:
+                self._phases[uid] = phase
+            else:
+                self._phases.pop(uid, None)
+            counts = {p: 0 for p in PHASES}
+            for value in self._phases.values():
+                counts[value] = counts.get(value, 0) + 1
+        for p, n in counts.items():
+            self.jobs.labels(phase=p).set(n)
+
+    def forget_except(self, uids: set[str]) -> None:
+        for uid in set(self._phases) - uids:
+            self.set_phase(uid, None)
+
+    def observe_between(self, histogram, start: str | None, end: str | None, **labels) -> None:
+        seconds = _seconds_between(start, end)
+        if seconds is not None:
+            (histogram.labels(**labels) if labels else histogram).observe(seconds)

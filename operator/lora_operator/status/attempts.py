@@ -1,0 +1,45 @@
+"""status.attempts: one record per child Job, merged with what earlier passes already recorded.
+
+Why status keeps them: a failed pod may be gone on the next pass (deleted, garbage-collected), so
+its reason is observed once and then carried in status; everything else is re-observed every pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .observed import JobView
+
+MAX_MESSAGE = 1024
+
+
+def merge_attempts(previous: Iterable[Mapping[str, Any]], jobs: Iterable[JobView]) -> list[dict[str, Any]]:
+    by_index = {int(a["index"]): dict(a) for a in previous or () if "index" in a}
+    for job in jobs:
+        record = by_index.get(job.attempt, {"index": job.attempt})
+        record["jobName"] = job.name
+        record["startedAt"] = record.get("startedAt") or job.start_time or job.created_at
+        if job.outcome:
+            record["outcome"] = job.outcome
+            record["finishedAt"] = record.get("finishedAt") or job.completion_time
+        if job.failure:
+            record.update(reason=job.failure.reason, exitCode=job.failure.exit_code,
+                          message=(job.failure.message or "")[:MAX_MESSAGE] or None)
+        elif job.outcome == "Succeeded" and "exitCode" not in record:
+            record["exitCode"] = 0
+        by_index[job.attempt] = {k: v for k, v in record.items() if v is not None}
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def failed_count(attempts: Iterable[Mapping[str, Any]]) -> int:
+    return sum(1 for a in attempts if a.get("outcome") == "Failed")
+
+
+def describe_failure(attempt: Mapping[str, Any]) -> str:
+    text = f"attempt {attempt.get('index')} ({attempt.get('jobName')}) failed: {attempt.get('reason', 'Error')}"
+    if attempt.get("exitCode") is not None:
+        text += f", exit code {attempt['exitCode']}"
+    if attempt.get("message"):
+        text += f": {attempt['message']}"
+    return text

@@ -1,0 +1,100 @@
+"""Read child Jobs and their Pods (plain dicts from the API) into JobViews. Pure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..builders import LABEL_ATTEMPT
+from .observed import Failure, JobView
+
+PREEMPTED_EXIT = 143  # SIGTERM: the trainer saved a checkpoint and left
+
+
+def _true_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in job.get("status", {}).get("conditions") or ():
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def job_outcome(job: Mapping[str, Any]) -> str | None:
+    if _true_condition(job, "Complete"):
+        return "Succeeded"
+    if _true_condition(job, "Failed"):
+        return "Failed"
+    return None
+
+
+def parse_summary(message: str | None) -> dict[str, Any] | None:
+    """The trainer's one-line JSON summary, if the termination message is one."""
+    for line in reversed((message or "").strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for status in pod.get("status", {}).get("containerStatuses") or ():
+        state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+        if state:
+            return state
+    return None
+
+
+def pod_failure(pod: Mapping[str, Any]) -> Failure:
+    status = pod.get("status", {})
+    term = _terminated(pod) or {}
+    code, message = term.get("exitCode"), (term.get("message") or "").strip() or None
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return Failure(cond.get("reason") or "Preempted", code, message or cond.get("message"))
+    if status.get("reason") == "Evicted":
+        return Failure("Evicted", code, status.get("message") or message)
+    if term.get("reason") == "OOMKilled":
+        return Failure("OOMKilled", code, message)
+    if code == PREEMPTED_EXIT:
+        return Failure("Preempted", code, message)
+    return Failure(term.get("reason") or status.get("reason") or "Error", code, message)
+
+
+def job_failure(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> Failure:
+    """Why a failed Job failed: its worst pod, else the Job's own Failed condition."""
+    failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    if failed:
+        return pod_failure(min(failed, key=lambda p: p["metadata"]["name"]))
+    cond = _true_condition(job, "Failed") or {}
+    if cond.get("reason") == "DeadlineExceeded":
+        return Failure("DeadlineExceeded", None, cond.get("message"))
+    return Failure("PodLost", None, cond.get("message") or "the pod disappeared before it finished")
+
+
+def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] | None = None) -> JobView:
+    """`pods` is None when the operator did not look at them (attempt already recorded)."""
+    meta, spec, status = job.get("metadata", {}), job.get("spec", {}), job.get("status", {})
+    outcome = job_outcome(job)
+    pods = list(pods) if pods is not None else None
+    failure = job_failure(job, pods) if outcome == "Failed" and pods is not None else None
+    summary = None
+    if pods:
+        term = next((t for t in (_terminated(p) for p in pods) if t), None)
+        summary = parse_summary((term or {}).get("message"))
+    return JobView(
+        name=meta["name"],
+        attempt=int((meta.get("labels") or {}).get(LABEL_ATTEMPT, "0") or 0),
+        created_at=meta.get("creationTimestamp"),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime") or (
+            (_true_condition(job, "Failed") or {}).get("lastTransitionTime") if outcome == "Failed" else None),
+        suspended=bool(spec.get("suspend")),
+        active=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
+        finished_pods=int(status.get("succeeded") or 0) + int(status.get("failed") or 0),
+        outcome=outcome,
+        failure=failure,
+        summary=summary,
+    )

@@ -1,0 +1,67 @@
+"""What to change in the world this pass (pure): start an attempt, suspend or resume the Job.
+
+Attempts: every failed attempt (non-zero exit, OOMKilled, evicted, preempted pod, deadline) counts
+against spec.maxRetries; a Job suspended by the user or by Kueue is not a failure (the Job
+controller deletes its pods, the trainer exits 143 after a checkpoint, the same Job resumes).
+Known limit: for a Kueue-managed Job, `spec.suspend: true` suspends the Job, but a real Kueue may
+re-admit it while its Workload stays active; deactivating the Workload (spec.active=false) is the
+Kueue-native way and is not done yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .attempts import failed_count, merge_attempts
+from .observed import JobView
+
+
+@dataclass(frozen=True)
+class Plan:
+    start_attempt: int | None = None  # create the Job of this attempt (after admission checks)
+    suspend_job: bool | None = None  # patch the live Job's spec.suspend to this
+
+
+def plan(
+    jobs: Iterable[JobView],
+    previous_attempts: Iterable[Mapping[str, Any]],
+    *,
+    suspend: bool,
+    max_retries: int,
+    kueue_managed: bool,
+) -> Plan:
+    jobs = tuple(jobs)
+    current = max(jobs, key=lambda j: j.attempt) if jobs else None
+    if current is None:
+        return Plan(start_attempt=None if suspend else 1)
+    if current.outcome is None:
+        return Plan(suspend_job=_suspend_change(current, suspend, kueue_managed))
+    if current.outcome == "Failed" and not suspend:
+        attempts = merge_attempts(previous_attempts, jobs)
+        if failed_count(attempts) <= max_retries:
+            return Plan(start_attempt=current.attempt + 1)
+    return Plan()
+
+
+def _suspend_change(current: JobView, suspend: bool, kueue_managed: bool) -> bool | None:
+    if suspend and not current.suspended:
+        return True
+    # Kueue unsuspends the Jobs it admits; the operator only resumes Jobs it manages alone.
+    if not suspend and current.suspended and not kueue_managed:
+        return False
+    return None
+
+
+def running_elsewhere(jobs: Iterable[Mapping[str, Any]], owner_label: str, label_key: str) -> int:
+    """Unfinished, unsuspended trainer Jobs of other LoRATrainingJobs (namespace limit)."""
+    count = 0
+    for job in jobs:
+        labels = job.get("metadata", {}).get("labels") or {}
+        status = job.get("status", {})
+        finished = any(cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True"
+                       for cond in status.get("conditions") or ())
+        if labels.get(label_key) != owner_label and not finished and not job.get("spec", {}).get("suspend"):
+            count += 1
+    return count

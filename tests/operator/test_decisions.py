@@ -1,0 +1,143 @@
+"""Pure decisions: policy, GPU quota, namespace limit, Kueue presence, the plan, events, config."""
+
+from __future__ import annotations
+
+import pytest
+from lora_operator.config import OperatorConfig, Policy
+from lora_operator.status import (
+    JobView,
+    check_kueue,
+    check_policy,
+    check_quota,
+    check_running_limit,
+    plan,
+    running_elsewhere,
+    transition_events,
+)
+from lora_operator.status import conditions as c
+
+
+def config(**policy) -> OperatorConfig:
+    return OperatorConfig(policy=Policy(**policy))
+
+
+POLICY_CASES = [
+    ("should refuse a base model outside the allowed prefixes", {"allowed_base_model_prefixes": ("s3://approved/",)},
+     {}, "spec.baseModel.uri"),
+    ("should accept a base model under an allowed prefix", {"allowed_base_model_prefixes": ("s3://models/",)},
+     {}, None),
+    ("should refuse more GPUs than the per-job maximum", {"max_gpus_per_job": 4},
+     {"resources.gpus": 4, "resources.nodes": 2}, "spec.resources.gpus"),
+    ("should refuse an image that is not allowed", {"allowed_images": ("ghcr.io/ok/trainer:",)},
+     {"image": "docker.io/evil:latest"}, "spec.image"),
+    ("should accept an image matching an allowed prefix", {"allowed_images": ("ghcr.io/ok/trainer:",)},
+     {"image": "ghcr.io/ok/trainer:1.2"}, None),
+    ("should check the default image when spec.image is empty", {"allowed_images": ("ghcr.io/ok/trainer:1",)},
+     {}, "spec.image"),
+]
+
+
+@pytest.mark.parametrize("name,policy,overrides,field", POLICY_CASES, ids=[c[0] for c in POLICY_CASES])
+def test_policy(name, policy, overrides, field, make_spec):
+    verdict = check_policy(make_spec(**overrides), config(**policy))
+    if field is None:
+        assert verdict is None
+    else:
+        assert verdict[0] == c.POLICY_VIOLATION and verdict[1].startswith(field)
+
+
+def quota(hard, used=None, key="requests.nvidia.com/gpu"):
+    return {"metadata": {"name": "gpu"}, "status": {"hard": {key: hard}, "used": {key: used or "0"}}}
+
+
+QUOTA_CASES = [
+    ("should wait when the quota has no room for the GPUs", [quota("2", "2")], {"resources.gpus": 1}, True),
+    ("should start when the quota has room", [quota("4", "2")], {"resources.gpus": 2}, False),
+    ("should count gpus x nodes", [quota("4", "0")], {"resources.gpus": 4, "resources.nodes": 2}, True),
+    ("should ignore quotas on other resources", [quota("0", key="requests.cpu")], {"resources.gpus": 1}, False),
+    ("should ignore the quota for CPU-only jobs", [quota("0")], {"resources.gpus": 0}, False),
+    ("should use the spec's gpuResourceName", [quota("0", key="requests.amd.com/gpu")],
+     {"resources.gpuResourceName": "amd.com/gpu"}, True),
+    ("should start when there is no quota at all", [], {"resources.gpus": 8}, False),
+]
+
+
+@pytest.mark.parametrize("name,quotas,overrides,blocked", QUOTA_CASES, ids=[c[0] for c in QUOTA_CASES])
+def test_quota(name, quotas, overrides, blocked, make_spec):
+    verdict = check_quota(quotas, make_spec(**overrides))
+    assert (verdict is not None) == blocked
+    if blocked:
+        assert verdict.reason == c.QUOTA_EXCEEDED and "ResourceQuota gpu" in verdict.message
+
+
+def test_should_wait_when_the_namespace_runs_its_maximum_of_jobs():
+    jobs = [{"metadata": {"labels": {"j": name}}, "spec": {}, "status": {}} for name in ("a", "b", "mine")]
+    jobs.append({"metadata": {"labels": {"j": "done"}}, "spec": {}, "status": {
+        "conditions": [{"type": "Complete", "status": "True"}]}})
+    assert running_elsewhere(jobs, "mine", "j") == 2
+    assert check_running_limit(2, config(max_running_jobs_per_namespace=2)).reason == c.MAX_RUNNING_JOBS
+    assert check_running_limit(1, config(max_running_jobs_per_namespace=2)) is None
+    assert check_running_limit(9, config()) is None
+
+
+def test_should_say_when_kueue_is_missing():
+    assert check_kueue("q", kueue_installed=False).reason == c.KUEUE_NOT_INSTALLED
+    assert check_kueue("q", kueue_installed=True) is None
+    assert check_kueue(None, kueue_installed=False) is None
+
+
+def view(attempt, outcome=None, suspended=False):
+    return JobView(name=f"d-a{attempt}", attempt=attempt, outcome=outcome, suspended=suspended)
+
+
+PLAN_CASES = [
+    ("should start attempt 1 when there is no Job", [], {}, (1, None)),
+    ("should not start anything while suspended", [], {"suspend": True}, (None, None)),
+    ("should do nothing while the Job runs", [view(1)], {}, (None, None)),
+    ("should start the next attempt after a failure", [view(1, "Failed")], {}, (2, None)),
+    ("should stop retrying after maxRetries", [view(1, "Failed"), view(2, "Failed")], {"max_retries": 1},
+     (None, None)),
+    ("should not retry a succeeded Job", [view(1, "Succeeded")], {}, (None, None)),
+    ("should suspend the running Job", [view(1)], {"suspend": True}, (None, True)),
+    ("should resume the suspended Job", [view(1, suspended=True)], {}, (None, False)),
+    ("should leave resuming to Kueue for queued Jobs", [view(1, suspended=True)], {"kueue_managed": True},
+     (None, None)),
+]
+
+
+@pytest.mark.parametrize("name,jobs,kw,expected", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan(name, jobs, kw, expected):
+    args = {"suspend": False, "max_retries": 3, "kueue_managed": False, **kw}
+    decision = plan(jobs, (), **args)
+    assert (decision.start_attempt, decision.suspend_job) == expected
+
+
+def test_should_count_failures_recorded_in_status_for_jobs_no_longer_there():
+    previous = [{"index": 1, "outcome": "Failed"}]
+    assert plan([view(2, "Failed")], previous, suspend=False, max_retries=1, kueue_managed=False).start_attempt is None
+
+
+def test_should_emit_events_only_for_transitions():
+    old = [c.condition(c.RUNNING, "True", c.TRAINING), c.condition(c.READY, "False", "Training")]
+    new = [c.condition(c.RUNNING, "True", c.TRAINING), c.condition(c.SUCCEEDED, "True", c.GATE_PASSED, "ok"),
+           c.condition(c.READY, "True", c.SUCCEEDED)]
+    events = transition_events(old, new)
+    assert [(e.type, e.reason) for e in events] == [("Normal", c.GATE_PASSED)]
+    warn = transition_events([], [c.condition(c.ADMITTED, "False", c.QUOTA_EXCEEDED, "full")])
+    assert [(e.type, e.reason) for e in warn] == [("Warning", c.QUOTA_EXCEEDED)]
+
+
+def test_should_read_the_config_from_env_and_refuse_bad_values():
+    cfg = OperatorConfig.from_env({
+        "LORA_ALLOWED_BASE_MODEL_PREFIXES": "s3://a/, hf://org/", "LORA_MAX_GPUS_PER_JOB": "8",
+        "LORA_TRAINER_COMMAND": "python /x/fake.py run", "LORA_S3_SECRET_ACCESS_KEY": "hunter2"})
+    assert cfg.policy.allowed_base_model_prefixes == ("s3://a/", "hf://org/")
+    assert cfg.policy.max_gpus_per_job == 8 and cfg.trainer_command == ("python", "/x/fake.py", "run")
+    assert "hunter2" not in repr(cfg)
+    aliases = OperatorConfig.from_env({"LORA_WATCH_NAMESPACES": "a,b", "LORA_DEFAULT_TRAINER_IMAGE": "img:1",
+                                       "LORA_PROGRESS_INTERVAL_S": "5", "LORA_READ_JOB_SECRETS": "false",
+                                       "AWS_ACCESS_KEY_ID": "ak"})
+    assert aliases.namespaces == ("a", "b") and aliases.default_image == "img:1"
+    assert aliases.progress_interval == 5 and not aliases.read_job_secrets and aliases.s3_access_key == "ak"
+    with pytest.raises(ValueError, match="LORA_MAX_GPUS_PER_JOB"):
+        OperatorConfig.from_env({"LORA_MAX_GPUS_PER_JOB": "many"})

@@ -1,0 +1,64 @@
+"""Reading child Jobs and Pods: outcome and the failure reason recorded in status.attempts."""
+
+import pytest
+
+from lora_operator.status import job_view
+
+
+def pod(phase="Failed", reason=None, terminated=None, conditions=(), status_reason=None, message=None):
+    status = {"phase": phase, "conditions": list(conditions)}
+    if status_reason:
+        status.update(reason=status_reason, message=message)
+    if terminated is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    return {"metadata": {"name": "demo-a1-xyz"}, "status": status}
+
+
+def failed_job(reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit"):
+    return {"metadata": {"name": "demo-a1", "labels": {"training.lora.dev/attempt": "1"}},
+            "spec": {}, "status": {"failed": 1, "conditions": [
+                {"type": "Failed", "status": "True", "reason": reason, "message": message,
+                 "lastTransitionTime": "2025-01-01T00:05:00Z"}]}}
+
+
+CASES = [
+    ("should report OOMKilled from the container state",
+     [pod(terminated={"exitCode": 137, "reason": "OOMKilled"})], failed_job(), ("OOMKilled", 137, None)),
+    ("should report Evicted with the kubelet's message",
+     [pod(status_reason="Evicted", message="The node was low on memory.")], failed_job(),
+     ("Evicted", None, "The node was low on memory.")),
+    ("should report a preemption from the DisruptionTarget condition",
+     [pod(terminated={"exitCode": 143, "reason": "Error"},
+          conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}])],
+     failed_job(), ("PreemptionByScheduler", 143, None)),
+    ("should call exit 143 without a disruption a preemption",
+     [pod(terminated={"exitCode": 143, "reason": "Error", "message": '{"state": "Preempted"}'})], failed_job(),
+     ("Preempted", 143, '{"state": "Preempted"}')),
+    ("should keep the exit code and termination message of a crash",
+     [pod(terminated={"exitCode": 3, "reason": "Error", "message": '{"state": "Failed", "error": "bad line 7"}'})],
+     failed_job(), ("Error", 3, '{"state": "Failed", "error": "bad line 7"}')),
+    ("should report DeadlineExceeded from the Job when no pod is left",
+     [], failed_job("DeadlineExceeded", "Job was active longer than specified deadline"),
+     ("DeadlineExceeded", None, "Job was active longer than specified deadline")),
+    ("should report PodLost when the pod vanished",
+     [], failed_job(), ("PodLost", None, "Job has reached the specified backoff limit")),
+]
+
+
+@pytest.mark.parametrize("name,pods,job,expected", CASES, ids=[c[0] for c in CASES])
+def test_failure_reason(name, pods, job, expected):
+    view = job_view(job, pods)
+    assert view.outcome == "Failed" and view.attempt == 1
+    assert (view.failure.reason, view.failure.exit_code, view.failure.message) == expected
+    assert view.completion_time == "2025-01-01T00:05:00Z"
+
+
+def test_should_not_look_for_a_failure_when_the_pods_were_not_read():
+    assert job_view(failed_job()).failure is None
+
+
+def test_should_parse_the_trainers_summary_line_from_a_succeeded_pod():
+    job = {"metadata": {"name": "demo-a1", "labels": {"training.lora.dev/attempt": "1"}}, "spec": {},
+           "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    view = job_view(job, [pod("Succeeded", terminated={"exitCode": 0, "message": 'log\n{"state": "Rejected"}'})])
+    assert view.outcome == "Succeeded" and view.summary == {"state": "Rejected"}

@@ -1,0 +1,416 @@
+"""The operator against the real local control plane + S3, with a fake trainer (fake_trainer.py).
+
+Each test runs its own operator process (`python -m lora_operator --namespace NS`) with short
+intervals, so a test can restart it or give it its own policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
+GROUP, VERSION, PLURAL = "training.lora.dev", "v1alpha1", "loratrainingjobs"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    path = ROOT / "crds" / "training.lora.dev_loratrainingjobs.yaml"
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/loratrainingjobs.training.lora.dev")
+
+
+@pytest.fixture
+def api(cluster):
+    from kubernetes import client
+
+    api_client = cluster.api_client()
+    return {"custom": client.CustomObjectsApi(api_client), "batch": client.BatchV1Api(api_client),
+            "core": client.CoreV1Api(api_client)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Operator:
+    def __init__(self, cluster, namespace: str, log_path: Path, **env: str):
+        self.port = _free_port()
+        self.env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "LORA_S3_ENDPOINT": cluster.s3_endpoint,
+                    "LORA_TRAINER_COMMAND": f"{sys.executable} {FAKE_TRAINER} run",
+                    "LORA_RESYNC_INTERVAL": "2", "LORA_PROGRESS_INTERVAL": "1", "LORA_METRICS_PORT": "0",
+                    "LORA_TERMINATION_GRACE_SECONDS": "10", "LORA_WATCH_TIMEOUT": "30",
+                    "LORA_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz", **env}
+        self.namespace, self.log_path, self.proc = namespace, log_path, None
+
+    def start(self) -> Operator:
+        with open(self.log_path, "a") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "lora_operator", "--namespace", self.namespace],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, f"operator exited:\n{self.log_path.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return self
+            except OSError:
+                assert time.monotonic() < deadline, "operator liveness endpoint never came up"
+                time.sleep(0.2)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def operator_factory(cluster, namespace, crd, tmp_path):
+    started = []
+
+    def start(**env):
+        op = Operator(cluster, namespace, tmp_path / "operator.log", **env).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+    log = tmp_path / "operator.log"
+    if log.exists():
+        print(log.read_text()[-5000:])
+
+
+@pytest.fixture
+def storage(cluster, namespace, s3, api, make_spec_dict):
+    """The job's bucket and the Secret the trainer (and the operator) read credentials from."""
+    s3.client.make_bucket(s3.bucket)
+    api["core"].create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": cluster.s3_access_key, "AWS_SECRET_ACCESS_KEY": cluster.s3_secret_key}})
+    return SimpleNamespace(client=s3.client, bucket=s3.bucket, spec_dict=make_spec_dict)
+
+
+def apply(api, namespace, storage, name="demo", annotations=None, **overrides):
+    overrides.setdefault("output.uri", f"s3://{storage.bucket}/{name}")
+    overrides.setdefault("resources.gpus", 1)
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob",
+            "metadata": {"name": name, "annotations": annotations or {}}, "spec": storage.spec_dict(**overrides)}
+    return api["custom"].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def get(api, namespace, name="demo"):
+    return api["custom"].get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_for(fn, timeout=60, what="condition"):
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")
+
+
+def wait_phase(api, namespace, phase, name="demo", timeout=60):
+    def check():
+        status = get(api, namespace, name).get("status") or {}
+        return status if status.get("phase") == phase else None
+    try:
+        return wait_for(check, timeout, f"phase {phase}")
+    except AssertionError:
+        raise AssertionError(f"phase {phase} not reached; status: {get(api, namespace, name).get('status')}") from None
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def jobs(api, namespace):
+    return sorted(j.metadata.name for j in api["batch"].list_namespaced_job(namespace).items)
+
+
+def test_should_train_to_succeeded_with_status_from_progress_json(cluster, namespace, api, storage, operator_factory):
+    op = operator_factory(LORA_METRICS_PORT=str(_free_port()), LORA_LOG_FORMAT="json")
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "4"})
+    job = wait_for(lambda: next(iter(api["batch"].list_namespaced_job(namespace).items), None), 30, "a Job")
+    assert job.metadata.name == "demo-a1"
+    assert job.metadata.owner_references[0].kind == "LoRATrainingJob"
+    assert job.spec.backoff_limit == 0
+    container = job.spec.template.spec.containers[0]
+    assert container.command[-1] == "/etc/lora/job.yaml"
+    assert container.resources.limits == {"nvidia.com/gpu": "1"}
+    status = wait_phase(api, namespace, "Succeeded")
+    assert status["progress"]["summary"] == "4/4" and status["progress"]["percent"] == 100
+    assert status["evaluation"]["verdict"] == "Passed"
+    assert status["artifacts"]["adapter"] == f"s3://{storage.bucket}/demo/adapter"
+    assert status["checkpoints"]["latest"].endswith("checkpoints/step-4")
+    assert status["attempts"] == [{**status["attempts"][0], "index": 1, "jobName": "demo-a1",
+                                   "outcome": "Succeeded", "exitCode": 0}]
+    assert conditions(status)["Ready"] == ("True", "Succeeded")
+    assert status["observedGeneration"] == 1 and status["startTime"] and status["completionTime"]
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Succeeded", "--timeout=5s", "ltj/demo")
+    reasons = {e.reason for e in api["core"].list_namespaced_event(namespace).items}
+    assert {"AttemptStarted", "GatePassed"} <= reasons
+    assert cluster.s3_secret_key not in str(status) + str(api["core"].list_namespaced_event(namespace).items)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{op.env['LORA_METRICS_PORT']}/metrics").read().decode()
+    assert 'lora_operator_jobs{phase="Succeeded"} 1.0' in metrics
+    assert "lora_operator_apply_to_job_created_seconds_count 1.0" in metrics
+    assert 'lora_operator_training_duration_seconds_count{phase="Succeeded"} 1.0' in metrics
+    log = op.log_path.read_text()
+    assert cluster.s3_secret_key not in log
+    assert any(line.startswith("{") and json.loads(line).get("message") for line in log.splitlines())
+
+
+def test_should_end_rejected_when_the_gate_refuses_the_adapter(cluster, namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/outcome": "reject", "fake-trainer/steps": "2"})
+    status = wait_phase(api, namespace, "Rejected")
+    got = conditions(status)
+    assert got["Succeeded"] == ("False", "GateFailed") and got["Stalled"] == ("True", "GateFailed")
+    assert status["evaluation"]["reasons"] == ["evalLoss 1.90 > maxEvalLoss 1.50"]
+    assert "artifacts" not in status or not status["artifacts"]
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Stalled", "--timeout=5s", "ltj/demo")
+
+
+def test_should_start_a_new_attempt_when_the_trainer_fails(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/outcome": "fail-first-attempt",
+                                                "fake-trainer/steps": "4"})
+    status = wait_phase(api, namespace, "Succeeded")
+    first, second = status["attempts"]
+    assert (first["outcome"], first["reason"], first["exitCode"]) == ("Failed", "Error", 3)
+    assert "injected failure" in first["message"]
+    assert (second["jobName"], second["outcome"]) == ("demo-a2", "Succeeded")
+    assert jobs(api, namespace) == ["demo-a1", "demo-a2"]
+
+
+def test_should_fail_after_max_retries(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/outcome": "crash"}, maxRetries=1)
+    status = wait_phase(api, namespace, "Failed")
+    assert conditions(status)["Failed"] == ("True", "BackoffLimitExceeded")
+    assert [a["exitCode"] for a in status["attempts"]] == [2, 2]
+
+
+def _running_pod(api, namespace, job_name):
+    def find():
+        pods = api["core"].list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+        return next((p for p in pods.items if p.status.phase == "Running"), None)
+    return wait_for(find, 30, f"a running pod of {job_name}")
+
+
+def _wait_step(api, namespace, step):
+    return wait_for(lambda: ((get(api, namespace).get("status") or {}).get("progress") or {}).get("step", 0) >= step,
+                    30, f"step {step}")
+
+
+def test_should_resume_in_a_new_attempt_when_the_pod_is_lost(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "12", "fake-trainer/step-seconds": "0.4"})
+    pod = _running_pod(api, namespace, "demo-a1")
+    _wait_step(api, namespace, 2)
+    api["core"].delete_namespaced_pod(pod.metadata.name, namespace)
+    status = wait_phase(api, namespace, "Succeeded", timeout=90)
+    assert [a["jobName"] for a in status["attempts"]] == ["demo-a1", "demo-a2"]
+    assert status["attempts"][0]["outcome"] == "Failed"
+
+
+def test_should_not_duplicate_the_job_when_the_operator_restarts(namespace, api, storage, operator_factory):
+    op = operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "10", "fake-trainer/step-seconds": "0.4"})
+    _running_pod(api, namespace, "demo-a1")
+    op.stop(signal.SIGKILL)
+    operator_factory()
+    status = wait_phase(api, namespace, "Succeeded", timeout=90)
+    assert jobs(api, namespace) == ["demo-a1"]
+    assert len(status["attempts"]) == 1
+
+
+def test_should_wait_for_gpu_quota_and_start_when_it_is_raised(namespace, api, storage, operator_factory):
+    api["core"].create_namespaced_resource_quota(namespace, {
+        "metadata": {"name": "gpu"}, "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}})
+    wait_for(lambda: (api["core"].read_namespaced_resource_quota("gpu", namespace).status.hard or {}), 30, "quota")
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "2"}, **{"resources.gpus": 2})
+    status = wait_phase(api, namespace, "Queued")
+    assert conditions(status)["Admitted"] == ("False", "QuotaExceeded")
+    assert jobs(api, namespace) == []
+    assert any(e.reason == "QuotaExceeded" and e.type == "Warning"
+               for e in api["core"].list_namespaced_event(namespace).items)
+    api["core"].patch_namespaced_resource_quota("gpu", namespace, {"spec": {"hard": {"requests.nvidia.com/gpu": "4"}}})
+    wait_phase(api, namespace, "Succeeded", timeout=60)
+
+
+def test_should_fail_a_policy_violation_without_creating_anything(namespace, api, storage, operator_factory):
+    operator_factory(LORA_ALLOWED_BASE_MODEL_PREFIXES="s3://approved-models/")
+    apply(api, namespace, storage)
+    status = wait_phase(api, namespace, "Failed", timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PolicyViolation" and failed["message"].startswith("spec.baseModel.uri")
+    time.sleep(1)
+    assert jobs(api, namespace) == []
+    assert api["core"].list_namespaced_config_map(namespace, label_selector="app.kubernetes.io/managed-by=lora-operator").items == []
+
+
+def test_should_say_kueue_is_not_installed(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, queueName="team-gpus")
+    status = wait_phase(api, namespace, "Queued", timeout=30)
+    assert conditions(status)["Admitted"] == ("False", "KueueNotInstalled")
+    assert jobs(api, namespace) == []
+
+
+def test_should_suspend_and_resume_the_same_job(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "10", "fake-trainer/step-seconds": "0.4"})
+    _running_pod(api, namespace, "demo-a1")
+    _wait_step(api, namespace, 2)
+    api["custom"].patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo", {"spec": {"suspend": True}})
+    status = wait_phase(api, namespace, "Suspended", timeout=30)
+    assert conditions(status)["Suspended"] == ("True", "SuspendedByUser")
+    wait_for(lambda: not api["core"].list_namespaced_pod(namespace).items, 30, "pods gone")
+    assert api["batch"].read_namespaced_job("demo-a1", namespace).spec.suspend is True
+    api["custom"].patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo", {"spec": {"suspend": False}})
+    status = wait_phase(api, namespace, "Succeeded", timeout=60)
+    assert jobs(api, namespace) == ["demo-a1"] and len(status["attempts"]) == 1
+
+
+def test_should_leave_children_to_the_garbage_collector_on_delete(namespace, api, storage, operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/steps": "20", "fake-trainer/step-seconds": "0.5"})
+    _running_pod(api, namespace, "demo-a1")
+    ltj = get(api, namespace)
+    assert not ltj["metadata"].get("finalizers"), "the operator promises no finalizer"
+    api["custom"].delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo")
+    wait_for(lambda: jobs(api, namespace) == [] and not api["core"].list_namespaced_config_map(
+        namespace, label_selector="app.kubernetes.io/managed-by=lora-operator").items, 60, "children gone")
+    wait_for(lambda: not api["core"].list_namespaced_pod(namespace).items, 60, "pods gone")
+
+
+KUEUE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "localqueues.kueue.x-k8s.io"},
+    "spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
+             "names": {"kind": "LocalQueue", "plural": "localqueues", "singular": "localqueue"},
+             "versions": [{"name": "v1beta1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+@pytest.fixture
+def fake_kueue(cluster):
+    """Only the API group, so the operator believes Kueue is installed; the test plays Kueue."""
+    import yaml
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(KUEUE_CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/localqueues.kueue.x-k8s.io")
+    yield
+    cluster.kubectl("delete", "crd", "localqueues.kueue.x-k8s.io", "--wait=false", check=False)
+
+
+def test_should_queue_a_suspended_job_for_kueue_and_run_once_admitted(namespace, api, storage, fake_kueue,
+                                                                      operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, queueName="team-gpus", annotations={"fake-trainer/steps": "2"})
+    status = wait_phase(api, namespace, "Queued", timeout=30)
+    assert conditions(status)["Admitted"] == ("False", "Queued")
+    job = api["batch"].read_namespaced_job("demo-a1", namespace)
+    assert job.spec.suspend is True and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    time.sleep(2.5)  # a resync later the operator must still leave the Job to Kueue
+    assert api["batch"].read_namespaced_job("demo-a1", namespace).spec.suspend is True
+    api["batch"].patch_namespaced_job("demo-a1", namespace, {"spec": {"suspend": False}})  # "Kueue admits"
+    status = wait_phase(api, namespace, "Succeeded", timeout=60)
+    assert conditions(status)["Admitted"] == ("True", "AdmittedByKueue")
+
+
+def _trainer_cli_ready() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("lora_trainer.__main__") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _trainer_cli_ready(), reason="lora-trainer CLI (lora_trainer.__main__) not there yet")
+def test_should_train_a_tiny_model_end_to_end_with_the_real_trainer(namespace, api, storage, operator_factory,
+                                                                    tmp_path):
+    import tiny
+    from lora_trainer.storage import fingerprint_dir
+
+    base = tiny.make_tiny_base(tmp_path / "base")
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        storage.client.fput_object(storage.bucket, f"models/tiny/{path.relative_to(base).as_posix()}", str(path))
+    train = tiny.make_chat_jsonl(tmp_path / "train.jsonl", n=32)
+    storage.client.fput_object(storage.bucket, "data/train.jsonl", str(train))
+    operator_factory(LORA_TRAINER_COMMAND="lora-trainer run")
+    apply(api, namespace, storage, **{
+        "baseModel.uri": f"s3://{storage.bucket}/models/tiny", "baseModel.revision": fingerprint_dir(base),
+        "dataset.train": f"s3://{storage.bucket}/data/train.jsonl", "quantization": "none",
+        "computeDtype": "float32", "resources.gpus": 0, "training.maxSteps": 4,
+        "training.checkpointEverySteps": 2, "training.evalEverySteps": 2, "evaluation.maxSamples": 4,
+        "evaluation.maxNewTokens": 8})
+    seen = set()
+
+    def finished():
+        status = get(api, namespace).get("status") or {}
+        seen.add(status.get("phase"))
+        return status if status.get("phase") in ("Succeeded", "Rejected", "Failed") else None
+    status = wait_for(finished, 240, "the real trainer to finish")
+    assert status["phase"] == "Succeeded", status
+    assert "Training" in seen
+    assert status["evaluation"]["verdict"] == "Passed"
+    adapter = status["artifacts"]["adapter"].removeprefix(f"s3://{storage.bucket}/")
+    assert list(storage.client.list_objects(storage.bucket, prefix=adapter, recursive=True))
+
+
+@pytest.fixture
+def least_privilege_kubeconfig(cluster, namespace, api, tmp_path):
+    """A kubeconfig for a ServiceAccount bound to exactly config.RBAC_RULES."""
+    import yaml
+    from lora_operator.config import RBAC_RULES
+
+    name = f"lora-operator-{namespace}"[:63]
+    api["core"].create_namespaced_service_account(namespace, {"metadata": {"name": "lora-operator"}})
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": [dict(rule) for rule in RBAC_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": "lora-operator", "namespace": namespace}]}]))
+    token = cluster.kubectl("create", "token", "lora-operator", "-n", namespace, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = tmp_path / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    yield str(path)
+    cluster.kubectl("delete", "clusterrolebinding,clusterrole", name, check=False)
+
+
+def test_should_work_with_only_the_documented_rbac(namespace, api, storage, operator_factory,
+                                                   least_privilege_kubeconfig):
+    op = operator_factory(KUBECONFIG=least_privilege_kubeconfig)
+    apply(api, namespace, storage, annotations={"fake-trainer/outcome": "fail-first-attempt",
+                                                "fake-trainer/steps": "3"})
+    status = wait_phase(api, namespace, "Succeeded")
+    assert len(status["attempts"]) == 2 and status["progress"]["summary"] == "3/3"
+    log = op.log_path.read_text()
+    assert "403" not in log and "forbidden" not in log.lower(), log[-3000:]
