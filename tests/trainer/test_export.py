@@ -1,0 +1,251 @@
+"""Publishing: only gated adapters, PEFT/vLLM-loadable, verified merge, metadata last (CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_evaluation_support as world
+from lora_trainer import storage
+from lora_trainer.evaluation import evaluate, load_adapted
+from lora_trainer.export import (
+    ExportError,
+    GateRejected,
+    MergeMismatch,
+    merge_adapter,
+    publish,
+    verify_merge,
+    write_adapter,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    return world.build_world(tmp_path_factory.mktemp("support"))
+
+
+@pytest.fixture(scope="module")
+def passing(w):
+    spec = world.make_spec(w["root"])
+    return spec, evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"], checkpoint_step=40)
+
+
+@pytest.fixture(scope="module")
+def published(w, passing, tmp_path_factory):
+    spec, report = passing
+    store, key = storage.open_uri(spec.output.uri)
+    uris = publish(spec, store, key, w["base"], w["adapter"], report, w["tokenizer"], eval_records=w["records"],
+                   work_dir=tmp_path_factory.mktemp("work"), run_id="run1",
+                   dataset_hashes={spec.dataset.train: "sha256:abc"}, started_at="2026-01-01T00:00:00Z")
+    return spec, report, store, key, uris
+
+
+def _out(w) -> Path:
+    return w["root"] / "out"
+
+
+def test_passing_job_publishes_adapter_merged_eval_and_metadata(published, w):
+    _, _, store, key, uris = published
+    out = _out(w)
+    assert uris == {"adapter": f"file://{out}/adapter", "merged": f"file://{out}/merged",
+                    "eval": f"file://{out}/eval.json", "metadata": f"file://{out}/lora-metadata.json"}
+    for rel in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+                "adapter/chat_template.jinja", "merged/config.json", "merged/model.safetensors",
+                "merged/tokenizer.json", "eval.json", "lora-metadata.json"):
+        assert (out / rel).is_file(), rel
+    assert not store.list(storage.join(key, ".staging")), "staging is cleaned up"
+
+
+def test_adapter_config_is_pure_lora_pointing_at_the_base_uri(published, w):
+    config = json.loads((_out(w) / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == published[0].base_model.uri
+    assert not config.get("modules_to_save")
+    assert config["r"] == world.RANK and config["lora_alpha"] == world.ALPHA and config["peft_type"] == "LORA"
+
+
+def test_metadata_records_provenance_and_lists_every_file(published, w):
+    spec, *_ = published
+    out = _out(w)
+    meta = json.loads((out / "lora-metadata.json").read_text())
+    assert meta["baseModel"] == {"uri": spec.base_model.uri, "revision": spec.base_model.revision}
+    assert meta["datasetHashes"] == {spec.dataset.train: "sha256:abc"}
+    assert meta["seed"] == 7 and meta["checkpointStep"] == 40 and meta["quantization"] == "none"
+    assert meta["lora"] == {"rank": 8, "alpha": 16.0, "scale": 2.0, "targetModules": ["q_proj", "v_proj"],
+                            "dropout": 0.0}
+    assert meta["spec"]["training"]["learningRate"] == spec.training.learning_rate  # resolved defaults
+    assert meta["eval"]["gate"]["verdict"] == "Passed" and meta["eval"]["merged"]["maxAbsLogitDiff"] <= 1e-3
+    assert meta["chatTemplateSha256"].startswith("sha256:") and meta["trainerVersion"]
+    assert meta["timestamps"]["startedAt"] == "2026-01-01T00:00:00Z" and meta["timestamps"]["publishedAt"]
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"lora-metadata.json"}
+    assert set(meta["files"]) == on_disk
+    assert meta["files"]["adapter/adapter_model.safetensors"] == \
+        "sha256:" + storage.file_sha256(out / "adapter/adapter_model.safetensors")
+
+
+def test_published_adapter_loads_with_plain_peft_and_gives_the_trainer_logits(published, w, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, _, store, key, _ = published
+    storage.download_prefix(store, storage.join(key, "adapter"), tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    trainer = load_adapted(spec, w["base"], w["adapter"], torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))
+    assert tok.chat_template == w["tokenizer"].chat_template
+    ids = torch.tensor([tok.apply_chat_template(w["records"][0]["messages"], tokenize=True, return_dict=True)["input_ids"]])
+    with torch.inference_mode():
+        diff = (plain(input_ids=ids).logits - trainer(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_merged_model_matches_base_plus_adapter(published, w):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, report, *_ = published
+    print(f"\nmerge max |logit diff| (fp32): {report.merged['maxAbsLogitDiff']:.3g}")
+    assert report.merged["maxAbsLogitDiff"] <= 1e-3
+    assert report.merged["evalLoss"] == pytest.approx(report.adapter.loss, abs=1e-4)
+    assert report.merged["gate"]["passed"]
+    merged = AutoModelForCausalLM.from_pretrained(str(_out(w) / "merged"), dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32),
+                                    str(w["adapter"]))
+    ids = torch.tensor([[3, 10, 20, 30, 40, 50]])
+    with torch.inference_mode():
+        assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-3)
+
+
+def test_wrong_scale_merge_is_caught_with_the_measured_difference(passing, w, tmp_path):
+    from lora_trainer.evaluation import encode_records
+
+    spec, report = passing
+    write_adapter(spec, w["adapter"], w["tokenizer"], tmp_path / "adapter")
+    config_path = tmp_path / "adapter/adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["lora_alpha"] *= 2  # the shipped adapter no longer matches what was evaluated
+    config_path.write_text(json.dumps(config))
+    merge_adapter(w["base"], tmp_path / "adapter", tmp_path / "merged", w["tokenizer"], device=torch.device("cpu"))
+    examples = encode_records(w["records"], w["tokenizer"], spec.dataset, None)
+    with pytest.raises(MergeMismatch, match=r"max \|logit diff\| \S+ > tolerance 0.001\d* \(float32\)") as err:
+        verify_merge(spec, w["base"], w["adapter"], tmp_path / "merged", examples, report, 0,
+                     device=torch.device("cpu"))
+    print(f"\nwrong-scale merge max |logit diff|: {err.value.max_abs_diff:.3g}")
+    assert err.value.max_abs_diff > 100 * 1e-3
+
+
+def test_adapter_whose_scale_differs_from_the_spec_is_refused(passing, w, tmp_path):
+    spec, _ = passing
+    other = spec.model_copy(update={"lora": spec.lora.model_copy(update={"alpha": 32.0})})
+    with pytest.raises(ExportError, match="lora_alpha=16.0, the spec says rank=8 alpha=32"):
+        write_adapter(other, w["adapter"], w["tokenizer"], tmp_path / "adapter")
+
+
+def test_adapter_with_modules_to_save_is_refused(passing, w, tmp_path):
+    spec, _ = passing
+    shutil.copytree(w["adapter"], tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt/adapter_config.json").read_text())
+    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ExportError, match="modules_to_save"):
+        write_adapter(spec, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
+
+
+def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path):
+    spec, _ = passing
+    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 600, "alpha": 16.0})})
+    shutil.copytree(w["adapter"], tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt/adapter_config.json").read_text())
+    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 600}))
+    _, warnings = write_adapter(big, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
+    assert warnings and "vLLM cannot serve" in warnings[0]
+
+
+def test_rejected_job_publishes_nothing(w, tmp_path):
+    from lora_trainer.evaluation import write_eval_json
+
+    spec = world.make_spec(tmp_path, gate={"maxEvalLoss": 1e-4})
+    report = evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"])
+    store, key = storage.open_uri(spec.output.uri)
+    write_eval_json(store, key, report)  # the verdict and its reasons are still reported
+    with pytest.raises(GateRejected, match="evalLoss: .* vs <= 0.0001"):
+        publish(spec, store, key, w["base"], w["adapter"], report, w["tokenizer"], eval_records=w["records"],
+                work_dir=tmp_path / "work")
+    assert store.list(key) == [storage.join(key, "eval.json")]
+
+
+class FlakyStore:
+    """Fails for good (as RetryingStore does when its attempts are spent) on the nth put_file."""
+
+    def __init__(self, inner, fail_on: int):
+        self.inner, self.fail_on, self.puts = inner, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_file(self, key, src):
+        self.puts += 1
+        if self.puts == self.fail_on:
+            raise storage.StorageError(f"put_file {key} failed after 5 attempts: ConnectionError")
+        return self.inner.put_file(key, src)
+
+
+@pytest.mark.parametrize("fail_on,previous_survives", [(2, True), (9, False)],
+                         ids=["should keep the previous set when the staging upload fails",
+                              "should leave no metadata when the promotion fails"])
+def test_failed_upload_leaves_no_half_artifact_that_looks_complete(passing, w, tmp_path, fail_on, previous_survives):
+    spec = world.make_spec(tmp_path, fmt="adapter")
+    _, report = passing
+    store, key = storage.open_uri(spec.output.uri)
+    args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
+    publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="old")
+    old_meta = store.get_bytes(storage.join(key, "lora-metadata.json"))
+    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd put is staging, the 9th promotion
+    with pytest.raises(storage.StorageError):
+        publish(spec, flaky, *args[2:], eval_records=w["records"], work_dir=tmp_path / "work", run_id="new")
+    meta_key = storage.join(key, "lora-metadata.json")
+    if previous_survives:
+        assert store.get_bytes(meta_key) == old_meta
+        assert store.exists(storage.join(key, "adapter/adapter_model.safetensors"))
+    else:
+        assert not store.exists(meta_key)
+
+
+def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp_path):
+    """Evaluated on the NF4 base (as trained); merged/ is the 16-bit base + adapter, and its own
+    held-out loss (not the NF4 one) is what the gate is re-checked on."""
+    spec = world.make_spec(tmp_path, quantization="nf4")
+    report = evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"])
+    store, key = storage.open_uri(spec.output.uri)
+    publish(spec, store, key, w["base"], w["adapter"], report, w["tokenizer"], eval_records=w["records"],
+            work_dir=tmp_path / "work")
+    merged = report.merged
+    print(f"\nNF4 adapter loss {report.adapter.loss:.4f}, merged 16-bit loss {merged['evalLoss']:.4f}, "
+          f"merge diff {merged['maxAbsLogitDiff']:.3g}")
+    assert merged["maxAbsLogitDiff"] <= 1e-3
+    assert merged["evalLoss"] != report.adapter.loss  # NF4 error is real, hence the 16-bit reload
+    assert merged["evalLoss"] == pytest.approx(report.adapter.loss, rel=0.2)
+    meta = json.loads(store.get_bytes(storage.join(key, "lora-metadata.json")))
+    assert meta["quantization"] == "nf4" and meta["eval"]["merged"]["gate"]["passed"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_merge_passes_the_16bit_tolerance(passing, w, tmp_path, dtype):
+    from lora_trainer.evaluation import encode_records
+
+    spec, report = passing
+    merge_adapter(w["base"], w["adapter"], tmp_path / "merged", w["tokenizer"], dtype=dtype,
+                  device=torch.device("cpu"))
+    examples = encode_records(w["records"], w["tokenizer"], spec.dataset, None)
+    result = verify_merge(spec, w["base"], w["adapter"], tmp_path / "merged", examples, report, 0, dtype=dtype,
+                          device=torch.device("cpu"))
+    print(f"\n{dtype} merge max |logit diff| {result['maxAbsLogitDiff']:.3g}, tolerance {result['tolerance']:.3g}")
+    assert 0 < result["maxAbsLogitDiff"] <= result["tolerance"]

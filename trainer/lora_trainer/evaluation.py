@@ -1,0 +1,242 @@
+"""Evaluation of the base model and the adapter on the same held-out data, and the gate verdict.
+
+Entry points (the CLI's `evaluate` and `run` call these; nothing here does storage I/O except
+`write_eval_json` and `load_regression_records`):
+
+    report = evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer,
+                      regression_records=None, max_seq_length=None, checkpoint_step=None)
+    write_eval_json(store, output_key, report)        # <output>/eval.json, always (also when Rejected)
+    progress_eval(report)                             # the dict for progress.json's `eval` key
+    report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
+
+Measurement rules:
+- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.encode_all`:
+  assistant turns only unless trainOnPrompt), unpacked, truncated to the training maxSeqLength;
+  perplexity = exp(loss). Base and adapter see identical token sets.
+- The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
+  what training started from (quantized as in training).
+- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records (see
+  `generation.py` for how prompts, references and checks are defined).
+- On CPU everything runs in float32 (bf16 matmuls on CPU are slow and not what a GPU does);
+  on CUDA in spec.computeDtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import generation
+from .data import IGNORE, Example, encode_all, read_jsonl, truncate
+from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
+
+log = logging.getLogger(__name__)
+
+TOKEN_BUDGET = 4096  # tokens per forward pass when scoring loss (bounds the fp32 logits)
+SHOWN_GENERATIONS = 3  # generations kept in eval.json for humans
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
+
+
+@dataclass
+class EvalReport:
+    """Everything measured, plus the gate verdict. `to_dict()` is eval.json."""
+
+    base: LossResult
+    adapter: LossResult
+    checks: list[dict[str, Any]]
+    regression: Optional[dict[str, Any]]
+    num_samples: dict[str, int]
+    seed: int
+    gate: GateVerdict
+    checkpoint_step: Optional[int] = None
+    generations: list[dict[str, str]] = field(default_factory=list)
+    merged: Optional[dict[str, Any]] = None  # filled by export.publish: merged-model verification
+
+    def metrics(self) -> EvalMetrics:
+        rates = {c["name"]: CheckRates(c["base"], c["adapter"]) for c in self.checks}
+        reg = (self.regression["base"]["loss"], self.regression["adapter"]["loss"]) if self.regression else None
+        return EvalMetrics(self.base.loss, self.adapter.loss, rates, reg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_dict(),
+            "adapter": self.adapter.to_dict(),
+            "checks": self.checks,
+            "regression": self.regression,
+            "numSamples": self.num_samples,
+            "seed": self.seed,
+            "checkpointStep": self.checkpoint_step,
+            "gate": self.gate.to_dict(),
+            "merged": self.merged,
+            "generations": self.generations,
+        }
+
+
+def progress_eval(report: EvalReport) -> dict[str, Any]:
+    """progress.json's `eval`: the wire shape of the status' EvaluationStatus (verdict, reasons,
+    results), so the operator can copy it into `status.evaluation` as is."""
+    return {"verdict": report.gate.verdict, "reasons": list(report.gate.reasons),
+            "results": [dict(r) for r in report.gate.results]}
+
+
+def write_eval_json(store, output_key: str, report: EvalReport) -> str:
+    """Write `<output>/eval.json`; returns its key. Written whatever the verdict."""
+    from .storage import join
+
+    key = join(output_key, "eval.json")
+    store.put_bytes(key, json.dumps(report.to_dict(), indent=1, sort_keys=True).encode())
+    return key
+
+
+def load_regression_records(spec, work_dir: Path, **store_kw) -> tuple[list[dict], dict[str, str]]:
+    """Download and parse spec.evaluation.regressionDataset; returns (records, {uri: sha256})."""
+    from .prepare import fetch
+    from .storage import file_sha256
+
+    uri = spec.evaluation.regression_dataset.uri
+    path = fetch(uri, Path(work_dir) / "data", **store_kw)
+    records, _ = read_jsonl(path, spec.dataset.format, spec.dataset.on_invalid_line, name=uri)
+    return records, {uri: "sha256:" + file_sha256(path)}
+
+
+# --- loss -----------------------------------------------------------------------------------------
+
+
+def encode_records(records: Sequence[dict], tokenizer, dataset, max_seq_length: Optional[int]) -> list[Example]:
+    """Tokenize and mask exactly as training does; truncate to the training length if given."""
+    examples = encode_all(tokenizer, records, dataset.format, dataset.train_on_prompt)
+    max_len = max_seq_length or dataset.max_seq_length
+    return truncate(examples, max_len)[0] if max_len else examples
+
+
+def _batches(examples: Sequence[Example], budget: int):
+    batch: list[Example] = []
+    for ex in sorted(examples, key=len):
+        if batch and (len(batch) + 1) * len(ex) > budget:
+            yield batch
+            batch = []
+        batch.append(ex)
+    if batch:
+        yield batch
+
+
+def heldout_loss(model, examples: Sequence[Example], pad_id: int = 0, budget: int = TOKEN_BUDGET) -> LossResult:
+    """Token-weighted mean NLL of `model` on the labelled tokens of `examples` (fp32 softmax)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in _batches(examples, budget):
+            width = max(len(e) for e in batch)
+            ids = torch.tensor([e.ids + [pad_id] * (width - len(e)) for e in batch], device=device)
+            labels = torch.tensor([e.labels + [IGNORE] * (width - len(e)) for e in batch], device=device)
+            mask = (torch.arange(width, device=device)[None] < torch.tensor([len(e) for e in batch], device=device)[:, None]).long()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            target = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                ignore_index=IGNORE, reduction="sum")
+            total += nll.item()
+            count += int((target != IGNORE).sum())
+    return LossResult(total / count if count else math.nan, count)
+
+
+# --- the whole evaluation -------------------------------------------------------------------------
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch.device] = None):
+    """The base exactly as training loaded it (quantization and all) with the adapter attached."""
+    from peft import PeftModel
+
+    from .model import load_base
+
+    device = device or eval_device()
+    dtype = spec.compute_dtype if device.type == "cuda" else "float32"
+    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    return model.eval()
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict], int]:
+    checks = spec.evaluation.gate.checks
+    if not checks:
+        return [], [], 0
+    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples)
+    prompts = [s.prompt for s in samples]
+    max_new = spec.evaluation.max_new_tokens
+    with model.disable_adapter():
+        base_replies = generation.generate(model, tokenizer, prompts, max_new)
+    adapter_replies = generation.generate(model, tokenizer, prompts, max_new)
+    rows = [{"name": c.name, "type": c.type, "minPassRate": c.min_pass_rate,
+             "base": generation.pass_rate(c, base_replies, samples),
+             "adapter": generation.pass_rate(c, adapter_replies, samples)} for c in checks]
+    shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
+             for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
+    return rows, shown, len(samples)
+
+
+def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossResult]:
+    with model.disable_adapter():
+        base = heldout_loss(model, examples, pad_id)
+    return base, heldout_loss(model, examples, pad_id)
+
+
+def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dict], tokenizer, *,
+             regression_records: Optional[Sequence[dict]] = None, max_seq_length: Optional[int] = None,
+             checkpoint_step: Optional[int] = None, model=None) -> EvalReport:
+    """Score base and adapter on `eval_records` (raw JSONL records of the held-out set), run the
+    generation checks and the regression data, and apply the gate.
+
+    `model` may be an already loaded PeftModel (e.g. the recipe's, at the chosen checkpoint); by
+    default the base is loaded from `base_dir` as in training and `adapter_dir` attached.
+    """
+    for check in spec.evaluation.gate.checks:
+        generation.compile_check(check)  # a broken check fails before minutes of generation
+    torch.manual_seed(spec.training.seed)
+    model = model if model is not None else load_adapted(spec, base_dir, adapter_dir)
+    model.eval()
+    pad_id = _pad_id(tokenizer)
+    examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
+    base, adapter = _base_and_adapter_loss(model, examples, pad_id)
+    log.info("held-out loss: base %.4f, adapter %.4f (%d tokens)", base.loss, adapter.loss, adapter.tokens)
+    regression = None
+    if regression_records is not None:
+        reg_ex = encode_records(regression_records, tokenizer, spec.dataset, max_seq_length)
+        rb, ra = _base_and_adapter_loss(model, reg_ex, pad_id)
+        regression = {"base": rb.to_dict(), "adapter": ra.to_dict(), "samples": len(reg_ex),
+                      "increase": (ra.loss - rb.loss) / rb.loss if rb.loss > 0 else math.nan}
+    checks, shown, n_gen = _run_checks(spec, model, tokenizer, eval_records)
+    report = EvalReport(
+        base=base, adapter=adapter, checks=checks, regression=regression,
+        num_samples={"loss": len(examples), "generation": n_gen}, seed=spec.training.seed,
+        gate=GateVerdict(True, [], []), checkpoint_step=checkpoint_step, generations=shown,
+    )
+    report.gate = apply_gate(spec.evaluation, report.metrics())
+    log.info("gate %s%s", report.gate.verdict, "".join(f"\n  {r}" for r in report.gate.reasons))
+    return report

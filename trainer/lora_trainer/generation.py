@@ -1,0 +1,132 @@
+"""Generation checks: greedy replies to held-out prompts, scored by the spec's checks.
+
+A sample is one held-out example cut at its last assistant turn: the prompt is the conversation
+before that turn rendered with the tokenizer's chat template plus the generation prompt; the
+reference is that turn's content. (Completion data: prompt and completion as given.)
+
+Every check sees the reply with special tokens removed and surrounding whitespace stripped:
+exactMatch compares it with the stripped reference, validJson parses it, jsonSchema parses and
+validates it, mustMatch / mustNotMatch use ``re.search`` on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import jsonschema
+from lora_operator.api import GenerationCheck
+
+# End-of-turn markers of common chat templates; generation stops at the first of them or at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    reference: str
+
+
+class CheckConfigError(ValueError):
+    """A check that can never be evaluated (bad regex, invalid JSON Schema)."""
+
+
+def _parse_json(reply: str):
+    try:
+        return True, json.loads(reply)
+    except ValueError:
+        return False, None
+
+
+def compile_check(check: GenerationCheck) -> Callable[[str, str], bool]:
+    """``(reply, reference) -> passed`` for one check; raises CheckConfigError early on a bad check.
+
+    The CLI can call this for every check before training, so a typo fails in seconds, not hours.
+    """
+    if check.type == "exactMatch":
+        return lambda reply, ref: reply.strip() == ref.strip()
+    if check.type == "validJson":
+        return lambda reply, ref: _parse_json(reply.strip())[0]
+    if check.type == "jsonSchema":
+        try:
+            cls = jsonschema.validators.validator_for(check.json_schema)
+            cls.check_schema(check.json_schema)
+        except jsonschema.SchemaError as exc:
+            raise CheckConfigError(f"checks.{check.name}: invalid JSON Schema: {exc.message}") from None
+        validator = cls(check.json_schema)
+
+        def schema_ok(reply: str, ref: str) -> bool:
+            ok, value = _parse_json(reply.strip())
+            return ok and validator.is_valid(value)
+
+        return schema_ok
+    try:
+        regex = re.compile(check.pattern or "")
+    except re.error as exc:
+        raise CheckConfigError(f"checks.{check.name}: invalid pattern: {exc}") from None
+    if check.type == "mustMatch":
+        return lambda reply, ref: regex.search(reply.strip()) is not None
+    return lambda reply, ref: regex.search(reply.strip()) is None
+
+
+def pass_rate(check: GenerationCheck, replies: Sequence[str], samples: Sequence[Sample]) -> Optional[float]:
+    """Fraction of replies passing ``check``; None without samples."""
+    if not samples:
+        return None
+    fn = compile_check(check)
+    return sum(fn(r, s.reference) for r, s in zip(replies, samples, strict=True)) / len(samples)
+
+
+def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list[Sample]:
+    """The first ``max_samples`` usable records as (prompt, reference); records without an
+    assistant turn (chat) or completion are skipped."""
+    out: list[Sample] = []
+    for ex in examples:
+        if len(out) >= max_samples:
+            break
+        if "messages" in ex:
+            msgs = ex["messages"]
+            last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+            if last is None:
+                continue
+            prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            out.append(Sample(prompt, msgs[last]["content"]))
+        elif "prompt" in ex and "completion" in ex:
+            # data.encode_completion puts BOS before the prompt; generate from the same tokens.
+            out.append(Sample((tokenizer.bos_token or "") + ex["prompt"], ex["completion"]))
+    return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+    return ids
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy replies (special tokens dropped) for ``prompts``, batched with left padding.
+
+    Prompts are tokenized without extra special tokens: the chat template already wrote them.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
+            )
+        replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return replies
