@@ -1,0 +1,148 @@
+"""Tiny, deterministic artefacts for tests: a random-init Llama base with a trained BPE tokenizer
+and a ChatML chat template, plus small chat / completion JSONL datasets.
+
+Everything is a pure function of its arguments (same seed -> byte-identical files), and building a
+base takes well under a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+
+_NAMES = ["Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
+_THINGS = ["ticket", "invoice", "server", "password", "order", "badge", "printer", "laptop"]
+_VERBS = ["reset", "refund", "restart", "renew", "ship", "replace", "check", "update"]
+_COLOURS = ["red", "green", "blue", "amber", "white", "black"]
+
+
+def _example(rng: random.Random) -> tuple[str, str, str]:
+    """(system, user, assistant) of one deterministic support-style exchange."""
+    name, thing, verb = rng.choice(_NAMES), rng.choice(_THINGS), rng.choice(_VERBS)
+    n = rng.randint(1, 99)
+    system = "You are a helpful support assistant."
+    user = f"Hi, I am {name}. Can you {verb} my {thing} number {n}?"
+    words = " ".join(rng.choice(_COLOURS) for _ in range(rng.randint(1, 6)))
+    assistant = f"Sure {name}, I will {verb} {thing} {n} now. Status: {words}. Done."
+    return system, user, assistant
+
+
+def default_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Chat-like sentences used to train the tiny tokenizer."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out.extend(_example(rng))
+    return out
+
+
+def make_tiny_base(
+    path,
+    texts=None,
+    *,
+    vocab_size: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init LlamaForCausalLM + fast tokenizer (with chat template) to ``path``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    texts = list(texts) if texts is not None else default_corpus(seed=seed)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def chat_examples(n: int, seed: int = 0) -> list[dict]:
+    """``n`` deterministic chat examples in OpenAI ``messages`` format."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        system, user, assistant = _example(rng)
+        out.append({"messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ]})
+    return out
+
+
+def completion_examples(n: int, seed: int = 0) -> list[dict]:
+    """``n`` deterministic prompt/completion examples."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        _, user, assistant = _example(rng)
+        out.append({"prompt": user + "\n", "completion": assistant})
+    return out
+
+
+def _write_jsonl(path, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_chat_jsonl(path, n: int = 32, seed: int = 0) -> Path:
+    """Write ``n`` chat examples (system/user/assistant) as JSONL."""
+    return _write_jsonl(path, chat_examples(n, seed))
+
+
+def make_completion_jsonl(path, n: int = 32, seed: int = 0) -> Path:
+    """Write ``n`` prompt/completion examples as JSONL."""
+    return _write_jsonl(path, completion_examples(n, seed))

@@ -1,0 +1,86 @@
+"""Base model: pinned revisions only; NF4 (QLoRA) and fp32 LoRA both train for real on the CPU."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import tiny
+from lora_trainer import model as m
+from lora_trainer.data import encode_all
+from lora_trainer.packing import collate_packed, make_rows
+from lora_trainer.storage import fingerprint_dir
+
+
+def test_unpinned_base_is_refused(tiny_base, tmp_path):
+    with pytest.raises(m.RevisionError, match="not pinned"):
+        m.resolve_base(f"file://{tiny_base}", "main", tmp_path)
+    with pytest.raises(m.RevisionError, match="40-hex commit"):
+        m.resolve_base("hf://org/model", "main", tmp_path)
+
+
+def test_base_whose_files_do_not_match_the_revision_is_refused(tiny_base, tmp_path):
+    copy = shutil.copytree(tiny_base, tmp_path / "store" / "models" / "b")
+    good = fingerprint_dir(copy)
+    assert m.resolve_base("s3://models/b", good, tmp_path / "w", storage_dir=tmp_path / "store")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    with pytest.raises(m.RevisionError, match="does not match its pinned revision"):
+        m.resolve_base("s3://models/b", good, tmp_path / "w", storage_dir=tmp_path / "store")
+
+
+def test_hub_base_offline_fails_clearly(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network waits
+    with pytest.raises(m.RevisionError, match="cannot fetch hf://org/name@"):
+        m.resolve_base("hf://org/name", "a" * 40, tmp_path)
+
+
+def _train_steps(model, tokenizer, steps=6, lr=1e-2, autocast=None):
+    exs = encode_all(tokenizer, tiny.chat_examples(8, seed=4), "chat", False)
+    rows, row_len = make_rows(exs, max(len(e) for e in exs), packing=True)
+    batch = collate_packed(rows, row_len, tokenizer.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        # Autocast around the forward only: its cast cache would keep stale bf16 LoRA weights.
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = model(**batch.model_inputs(), labels=batch.labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
+    import bitsandbytes as bnb
+
+    base = m.load_base(tiny_base, "nf4", True, dtype, torch.device("cpu"))
+    q_proj = base.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.nested  # double quant
+    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    trainable, total = m.param_counts(model)
+    assert 0 < trainable < total
+    assert isinstance(model.base_model.model.model.layers[1].mlp.down_proj.base_layer,
+                      bnb.nn.Linear4bit)
+    losses = _train_steps(model, tiny_tokenizer,
+                          autocast=torch.bfloat16 if dtype == "bfloat16" else None)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.slow
+def test_fp32_lora_trains_only_the_adapter(tiny_base, tiny_tokenizer):
+    base = m.load_base(tiny_base, "none", True, "float32", torch.device("cpu"))
+    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    frozen = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    losses = _train_steps(model, tiny_tokenizer)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert torch.equal(frozen, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)

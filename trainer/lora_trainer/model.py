@@ -1,0 +1,138 @@
+"""Resolving the pinned base model to local files, loading it (quantized or not) and adding LoRA.
+
+A base is only used when its files match `spec.baseModel.revision`: a hub commit hash for hf://,
+otherwise `sha256:<hex>` as printed by `lora-trainer fingerprint` (storage.fingerprint_dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RevisionError(ValueError):
+    """The base model is not pinned, or its files do not match the pinned revision."""
+
+
+def check_pinned(uri: str, revision: str) -> None:
+    if uri.startswith("hf://"):
+        if not COMMIT_RE.match(revision):
+            raise RevisionError(f"base model {uri} is not pinned: revision must be a 40-hex commit "
+                                f"hash, got {revision!r}")
+    elif not SHA256_RE.match(revision):
+        raise RevisionError(f"base model {uri} is not pinned: revision must be sha256:<64 hex> "
+                            f"(see `lora-trainer fingerprint`), got {revision!r}")
+
+
+def resolve_base(uri: str, revision: str, work_dir: Path, **store_kw) -> Path:
+    """Local directory holding the base model files, verified against `revision`."""
+    check_pinned(uri, revision)
+    if uri.startswith("hf://"):
+        return _from_hub(uri, revision, work_dir)
+    store, key = storage.open_uri(uri, **store_kw)
+    inner = storage._unwrap(store)
+    if isinstance(inner, storage.LocalStore) and not uri.startswith("s3://"):
+        local = inner._path(key)  # file:// and pvc:// are read in place
+        if not local.is_dir():
+            raise FileNotFoundError(f"base model {uri}: no directory at {local}")
+    else:
+        local = Path(work_dir) / "base"
+        if local.exists():
+            import shutil
+
+            shutil.rmtree(local)
+        storage.download_prefix(store, key, local)
+    actual = storage.fingerprint_dir(local)
+    if actual != revision:
+        raise RevisionError(f"base model {uri} does not match its pinned revision: expected "
+                            f"{revision}, files hash to {actual}")
+    return local
+
+
+def _from_hub(uri: str, revision: str, work_dir: Path) -> Path:
+    parsed = urlparse(uri)
+    repo_id = f"{parsed.netloc}{parsed.path}".strip("/")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(Path(work_dir) / "hf")))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo...
+        raise RevisionError(f"cannot fetch {uri}@{revision} from the Hugging Face hub "
+                            f"({type(exc).__name__}); mirror it to s3:// or a PVC and pin its "
+                            f"sha256 fingerprint instead") from None
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quant_config(quantization: str, double_quant: bool, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device):
+    """The base model with frozen weights, ready for k-bit training when quantized."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[compute_dtype]
+    qconf = _quant_config(quantization, double_quant, dtype)
+    device_map = {"": device} if qconf is not None else None
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, quantization_config=qconf, device_map=device_map,
+        attn_implementation="sdpa",
+    )
+    if qconf is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

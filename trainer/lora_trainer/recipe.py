@@ -1,0 +1,297 @@
+"""The LoRA/QLoRA training recipe: setup() -> train() -> cleanup(), on local paths.
+
+Storage I/O goes through `storage` (downloads in setup, checkpoint uploads, progress.json), and
+only rank 0 writes. The loss of an optimizer step is the mean over all target tokens of all its
+micro-batches on all ranks (token counts are all-reduced before the backward passes), so the
+result does not depend on how rows are split into micro-batches or processes.
+
+Resume is exact: data order is a pure function of (seed, epoch, step) and the checkpoint holds the
+adapter, optimizer, scheduler and RNG states, so a resumed run replays the same batches and
+dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import model as modelmod
+from . import storage
+from .config import Job, RuntimeConfig
+from .data import IGNORE
+from .packing import Schedule, collate_packed, collate_padded
+from .prepare import prepare_data
+from .progress import ProgressWriter, mfu, peak_memory_bytes
+from .reporting import StepReporter
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved (if training had started)."""
+
+
+MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+
+class LoRARecipe:
+    def __init__(self, job: Job, runtime: RuntimeConfig):
+        self.job, self.spec, self.rt = job, job.spec, runtime
+        self.step = 0
+        self.best_eval: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.last_eval: Optional[tuple[int, float]] = None
+        self.stop_requested = False
+        self.history: list[dict] = []  # per-step loss, for tests and the summary
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def request_stop(self, *_):
+        self.stop_requested = True
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        mixed = MIXED[self.spec.compute_dtype]
+        cpu = not torch.cuda.is_available()
+        if cpu and mixed == "fp16":
+            mixed = "no"  # fp16 autocast is a GPU feature
+        self.acc = Accelerator(mixed_precision=mixed, cpu=cpu)
+        self.rank0 = self.acc.is_main_process
+        set_seed(self.spec.training.seed)
+        self.rt.work_dir.mkdir(parents=True, exist_ok=True)
+        skw = self.rt.store_kwargs(self.job)
+        self.out_store, self.out_key = storage.open_uri(self.spec.output.uri, **skw)
+        self.out_store = _with_retries(self.out_store, self.rt)
+        self.progress = ProgressWriter(self.out_store if self.rank0 else None,
+                                       storage.join(self.out_key, "progress.json"),
+                                       self.rt.progress_interval_s, self.rt.attempt)
+        self.progress.update(state="Preparing", force=True)
+        base = self.spec.base_model
+        with self.acc.local_main_process_first():
+            self.base_dir = modelmod.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
+        self.tokenizer = modelmod.load_tokenizer(self.base_dir)
+        with self.acc.local_main_process_first():
+            self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
+                                     self.spec.training.seed, **skw)
+        log.info("data: %s", self.data.summary())
+        self._setup_model()
+        self._setup_schedule()
+        self.progress.update(datasetHashes=self.data.dataset_hashes,
+                             skippedLines=self.data.skipped_lines, trainableParams=self.trainable,
+                             trainableFraction=self.trainable / self.total_params,
+                             totalSteps=self.total_steps)
+        self._maybe_resume()
+
+    def _setup_model(self) -> None:
+        s = self.spec
+        base = modelmod.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
+                                  self.acc.device)
+        model = modelmod.add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
+                                  s.lora.target_modules)
+        self.trainable, self.total_params = modelmod.param_counts(model)
+        log.info("trainable params: %d of %d (%.4f%%)", self.trainable, self.total_params,
+                 100 * self.trainable / self.total_params)
+        t = s.training
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+    def _setup_schedule(self) -> None:
+        from transformers import get_scheduler
+
+        t = self.spec.training
+        self.schedule = Schedule(len(self.data.train_rows), t.batch_size,
+                                 t.gradient_accumulation_steps, self.acc.num_processes, t.seed)
+        spe = self.schedule.steps_per_epoch
+        self.total_steps = t.max_steps or t.epochs * spe
+        name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+        # Not passed through accelerate.prepare: we step it exactly once per optimizer step.
+        self.scheduler = get_scheduler(name, self.optimizer.optimizer if hasattr(
+            self.optimizer, "optimizer") else self.optimizer,
+            num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps)
+
+    def _maybe_resume(self) -> None:
+        ref = ckpt.latest_complete(self.out_store, self.out_key)
+        if ref is None:
+            return
+        local = self.rt.work_dir / "resume" / f"step-{ref.step}"
+        with self.acc.local_main_process_first():
+            if not (local / "state.json").exists():
+                shutil.rmtree(local, ignore_errors=True)
+                ckpt.download(self.out_store, ref, local)
+        state = ckpt.load_local(local, self.acc.unwrap_model(self.model), self.optimizer,
+                                self.scheduler)
+        self.step = state["step"]
+        self.best_eval, self.best_step = state.get("bestEvalLoss"), state.get("bestStep")
+        self.history = state.get("history", [])
+        if self.acc.process_index:
+            torch.manual_seed(self.spec.training.seed + self.acc.process_index + self.step)
+        log.info("resumed from %s at step %d", self.out_store.describe(ref.key), self.step)
+        best = self._ckpt_uri(self.best_step) if self.best_step is not None else None
+        self.progress.update(step=self.step, lastCheckpoint=self._ckpt_uri(ref.step),
+                             bestCheckpoint=best, bestEvalLoss=self.best_eval)
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def _batch(self, rows):
+        if self.data.row_len:
+            return collate_packed(rows, self.data.row_len, self.tokenizer.pad_token_id)
+        return collate_padded(rows, self.tokenizer.pad_token_id)
+
+    def _sum_ce(self, batch) -> torch.Tensor:
+        batch = batch.to(self.acc.device)
+        with self.acc.autocast():
+            logits = self.model(**batch.model_inputs()).logits
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+
+    def _all_sum(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return float(value)
+        t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
+        return float(self.acc.reduce(t, reduction="sum").item())
+
+    def train_step(self) -> dict:
+        """One optimizer step over `accum` micro-batches; returns its metrics."""
+        epoch, in_epoch = divmod(self.step, self.schedule.steps_per_epoch)
+        micro = self.schedule.micro_batches(epoch, in_epoch, self.acc.process_index)
+        batches = [self._batch([self.data.train_rows[i] for i in idx]) for idx in micro]
+        n_targets = self._all_sum(sum(b.n_targets for b in batches))
+        scale = self.acc.num_processes / max(n_targets, 1.0)
+        loss_sum = 0.0
+        for j, batch in enumerate(batches):
+            sync = j == len(batches) - 1
+            with nullcontext() if sync else self.acc.no_sync(self.model):
+                ce = self._sum_ce(batch)
+                self.acc.backward(ce * scale)
+            loss_sum += float(ce.detach())
+        if self.spec.training.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.spec.training.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": self._all_sum(loss_sum) / max(n_targets, 1.0), "learningRate": lr,
+                "tokens": self._all_sum(sum(b.n_tokens for b in batches)),
+                "epoch": self.step / self.schedule.steps_per_epoch}
+
+    def train(self) -> None:
+        """Run to total_steps; raises Preempted after saving a checkpoint on SIGTERM."""
+        self.progress.update(state="Training", step=self.step)
+        reporter = StepReporter(self.total_steps, self.step, self.rt, enabled=self.rank0)
+        self.model.train()
+        t_cfg = self.spec.training
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            m = self.train_step()
+            elapsed = time.perf_counter() - t0
+            self.history.append({"step": self.step, "loss": m["loss"]})
+            eval_loss = None
+            if self.step % t_cfg.eval_every_steps == 0 or self.step == self.total_steps:
+                eval_loss = self.evaluate()
+            self._report(reporter, m, elapsed, eval_loss)
+            stop = self._all_sum(1.0 if self.stop_requested else 0.0) > 0
+            if self.step % t_cfg.checkpoint_every_steps == 0 or self.step == self.total_steps or stop:
+                self.save_checkpoint()
+            if stop:
+                raise Preempted(f"stopped by SIGTERM at step {self.step}")
+        reporter.close()
+
+    def _report(self, reporter, m: dict, elapsed: float, eval_loss: Optional[float]) -> None:
+        tps = reporter.tokens_per_second(m["tokens"], elapsed)
+        fields = {
+            "step": self.step, "epoch": round(m["epoch"], 4), "loss": m["loss"],
+            "learningRate": m["learningRate"], "tokensPerSecond": round(tps, 1),
+            "peakMemoryBytes": peak_memory_bytes(self.acc.device),
+            "mfu": mfu(tps, self.trainable, self.total_params, self.rt.peak_flops,
+                       self.acc.num_processes),
+            "etaSeconds": reporter.eta_seconds(self.step),
+        }
+        if eval_loss is not None:
+            fields["evalLoss"] = eval_loss
+        reporter.log(fields)
+        self.progress.update(**fields)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out loss: mean cross-entropy over all target tokens (all ranks)."""
+        self.model.eval()
+        rows = self.data.eval_rows
+        rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
+        mine = rows[rank::world]
+        total = count = 0.0
+        for i in range(0, len(mine), bs):
+            batch = self._batch(mine[i:i + bs])
+            total += float(self._sum_ce(batch))
+            count += batch.n_targets
+        self.model.train()
+        loss = self._all_sum(total) / max(self._all_sum(count), 1.0)
+        self.last_eval = (self.step, loss)
+        if self.best_eval is None or loss < self.best_eval:
+            self.best_eval, self.best_step = loss, self.step
+        return loss
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _ckpt_uri(self, step: int) -> str:
+        return self.out_store.describe(storage.join(self.out_key, "checkpoints", f"step-{step}"))
+
+    def save_checkpoint(self) -> None:
+        """Save and upload step-N (rank 0), prune old ones, then report it (never before COMPLETE)."""
+        if self.last_eval is None or self.last_eval[0] != self.step:
+            self.evaluate()  # every checkpoint carries its own eval loss, so "best" means something
+        if self.rank0:
+            local = self.rt.work_dir / "checkpoints" / f"step-{self.step}"
+            shutil.rmtree(local, ignore_errors=True)
+            epoch, in_epoch = divmod(self.step, self.schedule.steps_per_epoch)
+            state = {"step": self.step, "evalLoss": self.last_eval[1], "bestEvalLoss": self.best_eval,
+                     "bestStep": self.best_step, "dataPosition": {"epoch": epoch, "stepInEpoch": in_epoch},
+                     "totalSteps": self.total_steps, "history": self.history}
+            ckpt.save_local(local, self.acc.unwrap_model(self.model), self.optimizer,
+                            self.scheduler, state)
+            ckpt.upload(self.out_store, local, self.out_key, self.step)
+            ckpt.prune(self.out_store, self.out_key, self.spec.training.keep_checkpoints,
+                       self.best_step)
+            shutil.rmtree(local, ignore_errors=True)
+            self.progress.update(force=True, lastCheckpoint=self._ckpt_uri(self.step),
+                                 bestCheckpoint=self._ckpt_uri(self.best_step),
+                                 bestEvalLoss=self.best_eval)
+        self.acc.wait_for_everyone()
+
+    def save_adapter(self, dest: Path) -> Path:
+        """The current adapter in PEFT format (for evaluation / export)."""
+        self.acc.unwrap_model(self.model).save_pretrained(str(dest), safe_serialization=True)
+        return dest
+
+    def cleanup(self) -> None:
+        from accelerate.state import AcceleratorState
+
+        if hasattr(self, "acc"):
+            self.acc.end_training()
+            if self.acc.num_processes > 1 and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        AcceleratorState._reset_state(True)  # a later recipe in this process starts afresh
+
+
+def _with_retries(store, rt: RuntimeConfig):
+    inner = storage._unwrap(store)
+    return storage.RetryingStore(inner, attempts=rt.retry_attempts, base_delay=rt.retry_base_delay_s)
+
+
+def install_sigterm(recipe: LoRARecipe):
+    """SIGTERM only sets a flag; the loop checkpoints at the next step boundary."""
+    return signal.signal(signal.SIGTERM, recipe.request_stop)

@@ -1,0 +1,379 @@
+"""All object-storage I/O of the trainer.
+
+A `Store` is rooted at one bucket (S3) or one directory (local) and addresses objects by
+'/'-separated keys. `LocalStore` and `S3Store` have the same interface, so the recipe and the tests
+never care which one they talk to; `RetryingStore` wraps either with bounded exponential backoff.
+
+URIs map to (store, key) in `open_uri`:
+  s3://bucket/key   -> S3Store(bucket) or, with a storage dir, LocalStore(DIR/bucket)
+  file:///abs/path  -> LocalStore("/"), key "abs/path"
+  pvc://claim/path  -> LocalStore(PVC_ROOT/claim), key "path"
+
+Credentials are read from the environment and are never logged or put into error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """Object storage failed for good (after retries) or a URI cannot be served."""
+
+
+class NotFound(FileNotFoundError):
+    """The object does not exist (never retried)."""
+
+
+class Store(Protocol):
+    """Key/value object store. Keys are '/'-separated and never start with '/'."""
+
+    def get_bytes(self, key: str) -> bytes: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, dest: Path) -> None: ...
+    def put_file(self, key: str, src: Path) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def exists(self, key: str) -> bool: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def describe(self, key: str) -> str: ...
+
+
+def _dir_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return prefix + "/" if prefix else ""
+
+
+class LocalStore:
+    """A directory used as an object store (laptop runs, PVC mounts, tests)."""
+
+    def __init__(self, root: Path | str, uri_base: str | None = None):
+        self.root = Path(root)
+        self.uri_base = uri_base  # how to name objects in messages, e.g. "s3://bucket"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key.strip("/")
+
+    def describe(self, key: str) -> str:
+        if self.uri_base:
+            return f"{self.uri_base}/{key.strip('/')}"
+        return f"file://{self._path(key)}"
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(self.describe(key)) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # readers never see a half-written object
+
+    def get_file(self, key: str, dest: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(self.describe(key))
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def put_file(self, key: str, src: Path) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix.strip("/")]
+        if not base.is_dir():
+            return []
+        rel_root = prefix.strip("/")
+        keys = []
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                rel = p.relative_to(base).as_posix()
+                keys.append(f"{rel_root}/{rel}" if rel_root else rel)
+        return sorted(keys)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class S3Store:
+    """One bucket of an S3-compatible service, through the minio client."""
+
+    def __init__(self, client, bucket: str):
+        self.client = client
+        self.bucket = bucket
+
+    @classmethod
+    def from_env(cls, bucket: str, endpoint: str | None = None) -> "S3Store":
+        from minio import Minio
+
+        endpoint = endpoint or os.environ.get("S3_ENDPOINT")
+        if not endpoint:
+            raise StorageError("no S3 endpoint: set S3_ENDPOINT, spec.storage.endpoint or --storage-dir")
+        url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        client = Minio(
+            url.netloc,
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            secure=url.scheme == "https",
+            region=os.environ.get("AWS_REGION") or None,
+        )
+        return cls(client, bucket)
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key.strip('/')}"
+
+    def _not_found(self, exc: Exception) -> bool:
+        return getattr(exc, "code", None) in ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
+
+    def get_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            resp = self.client.get_object(self.bucket, key.strip("/"))
+        except S3Error as exc:
+            if self._not_found(exc):
+                raise NotFound(self.describe(key)) from None
+            raise
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(self.bucket, key.strip("/"), io.BytesIO(data), len(data))
+
+    def get_file(self, key: str, dest: Path) -> None:
+        from minio.error import S3Error
+
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.fget_object(self.bucket, key.strip("/"), str(dest))
+        except S3Error as exc:
+            if self._not_found(exc):
+                raise NotFound(self.describe(key)) from None
+            raise
+
+    def put_file(self, key: str, src: Path) -> None:
+        self.client.fput_object(self.bucket, key.strip("/"), str(src))
+
+    def list(self, prefix: str) -> list[str]:
+        from minio.error import S3Error
+
+        key = prefix.strip("/")
+        try:
+            objs = self.client.list_objects(self.bucket, prefix=_dir_prefix(key), recursive=True)
+            keys = sorted(o.object_name for o in objs if not o.is_dir)
+        except S3Error as exc:
+            if self._not_found(exc):
+                return []
+            raise
+        if not keys and key and self.exists(key):
+            return [key]
+        return keys
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, key.strip("/"))
+            return True
+        except S3Error as exc:
+            if self._not_found(exc) or exc.code in ("NoSuchKey", "NotFound", "ResourceNotFound"):
+                return False
+            raise
+
+    def delete_prefix(self, prefix: str) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        keys = self.list(prefix)
+        errors = list(self.client.remove_objects(self.bucket, [DeleteObject(k) for k in keys]))
+        if errors:
+            raise StorageError(f"could not delete {len(errors)} objects under {self.describe(prefix)}")
+
+
+class RetryingStore:
+    """Wraps a store: every call is retried with bounded exponential backoff.
+
+    `NotFound` is an answer, not a fault, and is never retried. When the attempts are spent the
+    call raises `StorageError` naming the operation and the object (never credentials).
+    """
+
+    def __init__(self, inner: Store, attempts: int = 5, base_delay: float = 0.5,
+                 max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep):
+        self.inner = inner
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.sleep = sleep
+
+    def describe(self, key: str) -> str:
+        return self.inner.describe(key)
+
+    def _call(self, op: str, key: str, *args):
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return getattr(self.inner, op)(key, *args)
+            except NotFound:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any transport fault is retried
+                if attempt == self.attempts:
+                    raise StorageError(
+                        f"{op} {self.describe(key)} failed after {attempt} attempts: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+                log.warning("%s %s failed (%s); retry %d/%d in %.1fs", op, self.describe(key),
+                            type(exc).__name__, attempt, self.attempts - 1, delay)
+                self.sleep(delay)
+
+    def get_bytes(self, key):
+        return self._call("get_bytes", key)
+
+    def put_bytes(self, key, data):
+        return self._call("put_bytes", key, data)
+
+    def get_file(self, key, dest):
+        return self._call("get_file", key, dest)
+
+    def put_file(self, key, src):
+        return self._call("put_file", key, src)
+
+    def list(self, prefix):
+        return self._call("list", prefix)
+
+    def exists(self, key):
+        return self._call("exists", key)
+
+    def delete_prefix(self, prefix):
+        return self._call("delete_prefix", prefix)
+
+
+# --- whole prefixes -------------------------------------------------------------------------------
+
+
+def download_prefix(store: Store, prefix: str, dest: Path) -> list[Path]:
+    """Copy every object under `prefix` to `dest`, keeping relative paths."""
+    keys = store.list(prefix)
+    if not keys:
+        raise NotFound(f"nothing under {store.describe(prefix)}")
+    base = _dir_prefix(prefix)
+    out = []
+    for key in keys:
+        rel = key[len(base):] if key.startswith(base) else Path(key).name
+        path = Path(dest) / rel
+        store.get_file(key, path)
+        out.append(path)
+    return out
+
+
+def upload_dir(store: Store, src: Path, prefix: str, last: Iterable[str] = ()) -> list[str]:
+    """Upload the files of `src` under `prefix`; names in `last` are uploaded after all others."""
+    files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+    last = set(last)
+    files.sort(key=lambda p: p.relative_to(src).as_posix() in last)
+    keys = []
+    for path in files:
+        key = f"{_dir_prefix(prefix)}{path.relative_to(src).as_posix()}"
+        store.put_file(key, path)
+        keys.append(key)
+    return keys
+
+
+# --- URIs -----------------------------------------------------------------------------------------
+
+
+def open_uri(uri: str, storage_dir: Path | str | None = None, s3_endpoint: str | None = None,
+             pvc_root: Path | str = "/mnt/pvc", retry: bool = True) -> tuple[Store, str]:
+    """Map a data/model/output URI to (store, key). See the module docstring."""
+    url = urlparse(uri)
+    key = url.path.lstrip("/")
+    if url.scheme == "s3":
+        if storage_dir:
+            store: Store = LocalStore(Path(storage_dir) / url.netloc, uri_base=f"s3://{url.netloc}")
+        else:
+            store = S3Store.from_env(url.netloc, s3_endpoint)
+    elif url.scheme == "file":
+        store = LocalStore("/")
+    elif url.scheme == "pvc":
+        store = LocalStore(Path(pvc_root) / url.netloc, uri_base=f"pvc://{url.netloc}")
+    else:
+        raise StorageError(f"unsupported URI scheme for object storage: {uri}")
+    return (RetryingStore(store) if retry else store), key
+
+
+def join(prefix: str, *parts: str) -> str:
+    """Join key parts with '/'."""
+    return "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
+
+
+# --- content hashes -------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint_dir(root: Path) -> str:
+    """`sha256:<hex>` over the sorted relative paths and per-file SHA-256 digests of `root`.
+
+    Hidden files (names starting with '.') are ignored, so download scratch never changes it.
+    """
+    root = Path(root)
+    if root.is_file():
+        files = [root]
+        root = root.parent
+    else:
+        files = [p for p in root.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    h = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def fingerprint_uri(uri: str, **open_kw) -> str:
+    """Fingerprint a local path or any storage URI (remote ones are downloaded to a temp dir)."""
+    if "://" not in uri:
+        return fingerprint_dir(Path(uri))
+    store, key = open_uri(uri, **open_kw)
+    if isinstance(_unwrap(store), LocalStore):
+        return fingerprint_dir(_unwrap(store)._path(key))
+    with tempfile.TemporaryDirectory() as tmp:
+        download_prefix(store, key, Path(tmp))
+        return fingerprint_dir(Path(tmp))
+
+
+def _unwrap(store: Store) -> Store:
+    return store.inner if isinstance(store, RetryingStore) else store
