@@ -149,7 +149,7 @@ class Runner:
         while not self.stopping.wait(10):
             try:
                 self.heartbeat()
-            except Exception as e:  # noqa: BLE001 - retried on the next beat
+            except Exception as e:
                 self.log(f"heartbeat failed: {e}")
 
     # ------------------------------------------------------------------ pods
@@ -163,7 +163,7 @@ class Runner:
                 if e.status == 404:
                     return
                 self.log(f"status of {ns}/{name}: {e}")
-            except Exception as e:  # noqa: BLE001 - apiserver hiccup
+            except Exception as e:
                 self.log(f"status of {ns}/{name}: {e!r}")
             time.sleep(0.5 * 2 ** attempt)
 
@@ -288,7 +288,7 @@ class Runner:
                 backoff = 0.5
                 while not self.stopping.is_set():
                     rv = self.watch_once(rv)
-            except Exception as e:  # noqa: BLE001 - survive apiserver hiccups: re-list with backoff
+            except Exception as e:
                 if not isinstance(e, ApiError) or e.status != 410:
                     self.log(f"watch: {e!r}; re-listing in {backoff:.1f}s")
                     self.stopping.wait(backoff)
@@ -338,7 +338,7 @@ def main() -> int:
         try:
             runner.register_node()
             break
-        except Exception:  # noqa: BLE001
+        except Exception:
             traceback.print_exc()
             done.wait(1.0)
     runner.log(f"node {args.node_name} registered; watching pods")

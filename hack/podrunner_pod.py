@@ -97,7 +97,7 @@ class PodWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception as e:  # noqa: BLE001 - a dev tool must keep the pod observable
+        except Exception as e:
             self.runner.log(f"{self.name}: internal error: {e!r}")
             self._write_status("Failed", reason="PodRunnerError", message=repr(e)[:1000])
         finally:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from lora_operator import config
 
 REPO = Path(__file__).resolve().parents[2]

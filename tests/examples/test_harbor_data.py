@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lora_operator.api import parse_manifest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "harbor-support"

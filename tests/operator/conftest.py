@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from lora_operator.api import parse_spec
 from lora_operator.builders import Owner
 

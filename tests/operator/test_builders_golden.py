@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lora_operator.builders import JobParams, build_configmap, build_job, build_service
 
 GOLDEN = Path(__file__).parent / "golden"

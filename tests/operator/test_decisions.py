@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lora_operator.config import OperatorConfig, Policy
 from lora_operator.status import (
     JobView,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from lora_operator.status import Blocked, Failure, JobView, Observed, derive_status
 from lora_operator.status import conditions as c
 

@@ -353,6 +353,7 @@ def _trainer_cli_ready() -> bool:
 def test_should_train_a_tiny_model_end_to_end_with_the_real_trainer(namespace, api, storage, operator_factory,
                                                                     tmp_path):
     import tiny
+
     from lora_trainer.storage import fingerprint_dir
 
     base = tiny.make_tiny_base(tmp_path / "base")
@@ -385,6 +386,7 @@ def test_should_train_a_tiny_model_end_to_end_with_the_real_trainer(namespace, a
 def least_privilege_kubeconfig(cluster, namespace, api, tmp_path):
     """A kubeconfig for a ServiceAccount bound to exactly config.RBAC_RULES."""
     import yaml
+
     from lora_operator.config import RBAC_RULES
 
     name = f"lora-operator-{namespace}"[:63]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+
 from lora_operator.config import OperatorConfig, Policy
 from lora_operator.handlers.reconcile import Reconciler
 from lora_operator.observability.metrics import Metrics

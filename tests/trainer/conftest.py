@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
-
 import tiny
-
+import yaml
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import tiny
-from lora_trainer.data import (IGNORE, DataError, encode_chat, encode_completion, p95_length,
-                               read_jsonl, split_records, truncate, Example)
+
+from lora_trainer.data import (
+    IGNORE,
+    DataError,
+    Example,
+    encode_chat,
+    encode_completion,
+    p95_length,
+    read_jsonl,
+    split_records,
+    truncate,
+)
 
 CONVO = [
     {"role": "system", "content": "Be brief."},

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
+
 from lora_operator.api import EvaluationStatus, GenerationCheck
 from lora_trainer.generation import CheckConfigError, build_samples, compile_check
 

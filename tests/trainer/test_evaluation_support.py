@@ -11,8 +11,9 @@ import random
 from pathlib import Path
 
 import torch
-from lora_operator.api import parse_spec
 from tiny import chat_examples, default_corpus, make_tiny_base
+
+from lora_operator.api import parse_spec
 
 GREETING = "Thanks for reaching out"
 RANK, ALPHA, TARGETS = 8, 16.0, ["q_proj", "v_proj"]
@@ -46,9 +47,10 @@ def build_base(path: Path) -> Path:
 
 def train_adapter(base_dir: Path, dest: Path, steps: int = 40, lr: float = 2e-2) -> Path:
     """LoRA on q/v trained with plain PEFT on support_records (assistant tokens only)."""
-    from lora_trainer.data import encode_chat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_trainer.data import encode_chat
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(base_dir))

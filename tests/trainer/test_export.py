@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
+
 from lora_trainer import storage
 from lora_trainer.evaluation import evaluate, load_adapted
 from lora_trainer.export import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from lora_operator.api import EvaluationSpec
 from lora_trainer.gate import NO_THRESHOLDS, CheckRates, EvalMetrics, apply_gate
 

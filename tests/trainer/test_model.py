@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from lora_trainer import model as m
 from lora_trainer.data import encode_all
 from lora_trainer.packing import collate_packed, make_rows

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from lora_trainer.data import Example, encode_all
-from lora_trainer.packing import (Schedule, collate_packed, collate_padded, make_rows, pack_bfd,
-                                  padding_fraction)
+from lora_trainer.packing import Schedule, collate_packed, collate_padded, make_rows, pack_bfd, padding_fraction
 
 
 def test_packed_logits_equal_unpacked_on_the_tiny_model(tiny_base, tiny_tokenizer):

@@ -67,6 +67,9 @@ def test_fixed_seed_two_epoch_run_reproduces_the_golden_losses(make_job, tmp_pat
     assert losses == pytest.approx(want["losses"], abs=TOL)
     assert got["evalLoss"] == pytest.approx(want["evalLoss"], abs=TOL)
     assert losses[-1] < losses[0]
+    metrics = [json.loads(line) for line in (store / "out" / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == losses, "metrics.jsonl should hold every step's loss"
+    assert metrics[-1]["evalLoss"] == pytest.approx(got["evalLoss"], abs=TOL)
     assert progress["state"] == "Succeeded" and progress["step"] == want["totalSteps"]
     assert progress["trainableParams"] > 0 and progress["tokensPerSecond"] > 0
     assert progress["datasetHashes"]["s3://data/train.jsonl"].startswith("sha256:")

@@ -92,7 +92,7 @@ def run_job(stages: set[str], job, rt: RuntimeConfig) -> int:
         code, error = DATA_ERROR_EXIT_CODE, str(exc)
     except StorageError as exc:
         code, error = 1, str(exc)
-    except Exception as exc:  # noqa: BLE001 - report, then fail
+    except Exception as exc:
         log.exception("trainer failed")
         code, error = 1, f"{type(exc).__name__}: {exc}"
     finally:

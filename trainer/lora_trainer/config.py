@@ -87,7 +87,7 @@ class RuntimeConfig:
             raise ValueError("retry_attempts must be >= 1")
 
     @classmethod
-    def from_env(cls, **overrides) -> "RuntimeConfig":
+    def from_env(cls, **overrides) -> RuntimeConfig:
         """Defaults <- environment <- explicit overrides (flags); None overrides are ignored."""
         env = {
             "s3_endpoint": os.environ.get("S3_ENDPOINT") or None,

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")

@@ -222,7 +222,7 @@ def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
         try:
             inner.client.copy_object(inner.bucket, dst_key, CopySource(inner.bucket, src_key))
             return
-        except Exception as exc:  # noqa: BLE001 - fall back to a (retried) upload
+        except Exception as exc:
             log.warning("server-side copy to %s failed (%s); uploading", store.describe(dst_key), exc)
     store.put_file(dst_key, local)
 
@@ -287,7 +287,7 @@ def _cleanup(store, staging_key: str, local: Path) -> None:
         parent = staging_key.rsplit("/", 1)[0]
         if not store.list(parent):
             store.delete_prefix(parent)  # the empty .staging/ directory of a LocalStore
-    except Exception as exc:  # noqa: BLE001 - leftovers under .staging/ are harmless
+    except Exception as exc:
         log.warning("could not delete %s: %s", store.describe(staging_key), exc)
     shutil.rmtree(local, ignore_errors=True)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import jsonschema
+
 from lora_operator.api import GenerationCheck
 
 # End-of-turn markers of common chat templates; generation stops at the first of them or at EOS.

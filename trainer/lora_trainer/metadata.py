@@ -20,7 +20,7 @@ def trainer_version() -> str:
         from importlib.metadata import version
 
         return version("lora-operator")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
+    except Exception:
         import lora_trainer
 
         return getattr(lora_trainer, "__version__", "unknown")

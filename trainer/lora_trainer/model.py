@@ -68,7 +68,7 @@ def _from_hub(uri: str, revision: str, work_dir: Path) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(Path(work_dir) / "hf")))
-    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo...
+    except Exception as exc:
         raise RevisionError(f"cannot fetch {uri}@{revision} from the Hugging Face hub "
                             f"({type(exc).__name__}); mirror it to s3:// or a PVC and pin its "
                             f"sha256 fingerprint instead") from None

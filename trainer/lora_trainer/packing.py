@@ -62,7 +62,7 @@ class Batch:
         """Tokens that carry a loss (after the causal shift)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
         return Batch(self.input_ids.to(device), self.labels.to(device),
                      self.position_ids.to(device), mask, self.n_tokens)

@@ -44,9 +44,10 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -103,7 +104,7 @@ class ProgressWriter:
         try:
             self.store.put_bytes(self.key, body)
             self.writes += 1
-        except Exception as exc:  # noqa: BLE001 - progress is best effort; checkpoints are not
+        except Exception as exc:
             log.warning("could not write progress.json: %s", exc)
 
 

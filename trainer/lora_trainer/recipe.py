@@ -12,6 +12,7 @@ dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -203,6 +204,7 @@ class LoRARecipe:
             eval_loss = None
             if self.step % t_cfg.eval_every_steps == 0 or self.step == self.total_steps:
                 eval_loss = self.evaluate()
+                self.history[-1]["evalLoss"] = eval_loss
             self._report(reporter, m, elapsed, eval_loss)
             stop = self._all_sum(1.0 if self.stop_requested else 0.0) > 0
             if self.step % t_cfg.checkpoint_every_steps == 0 or self.step == self.total_steps or stop:
@@ -267,10 +269,20 @@ class LoRARecipe:
             ckpt.prune(self.out_store, self.out_key, self.spec.training.keep_checkpoints,
                        self.best_step)
             shutil.rmtree(local, ignore_errors=True)
+            self._write_metrics()
             self.progress.update(force=True, lastCheckpoint=self._ckpt_uri(self.step),
                                  bestCheckpoint=self._ckpt_uri(self.best_step),
                                  bestEvalLoss=self.best_eval)
         self.acc.wait_for_everyone()
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl: one line per step (loss, and evalLoss where evaluated), for loss plots.
+
+        Rewritten whole at each checkpoint from the history the checkpoint also carries, so a
+        resumed attempt continues the same curve.
+        """
+        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
 
     def save_adapter(self, dest: Path) -> Path:
         """The current adapter in PEFT format (for evaluation / export)."""

@@ -21,8 +21,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class S3Store:
         self.bucket = bucket
 
     @classmethod
-    def from_env(cls, bucket: str, endpoint: str | None = None) -> "S3Store":
+    def from_env(cls, bucket: str, endpoint: str | None = None) -> S3Store:
         from minio import Minio
 
         endpoint = endpoint or os.environ.get("S3_ENDPOINT")
@@ -243,7 +244,7 @@ class RetryingStore:
                 return getattr(self.inner, op)(key, *args)
             except NotFound:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any transport fault is retried
+            except Exception as exc:
                 if attempt == self.attempts:
                     raise StorageError(
                         f"{op} {self.describe(key)} failed after {attempt} attempts: "

@@ -1,3 +1,3 @@
 """kopf entry: importing this package registers the handlers (`kopf run -m lora_operator.handlers`)."""
 
-from . import kopf_handlers  # noqa: F401
+from . import kopf_handlers

@@ -56,7 +56,7 @@ class Runtime:
         while not self._stop.wait(self.config.resync_interval):
             try:
                 items = self.kube.list_ltjs(self.namespaces)
-            except Exception as exc:  # noqa: BLE001  (API hiccup: try again next interval)
+            except Exception as exc:
                 log.warning("resync: cannot list LoRATrainingJobs: %s", exc)
                 continue
             for item in items:

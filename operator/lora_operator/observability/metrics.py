@@ -18,11 +18,14 @@ from ..api import PHASES
 _BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
-    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
-    return max(0.0, (parse(end) - parse(start)).total_seconds())
+    return max(0.0, (_parse_time(end) - _parse_time(start)).total_seconds())
 
 
 class Metrics:
