@@ -5,7 +5,9 @@ SHELL := /bin/bash
 CACHE   ?= $(HOME)/.cache/lora-operator
 VENV    ?= $(CACHE)/venv
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# The editable install points at one checkout: a clone elsewhere (CI) must reinstall, or its tests
+# would import this tree's code.
+STAMP   := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-12)
 export PATH := $(VENV)/bin:$(PATH):/usr/local/go/bin
 export KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
