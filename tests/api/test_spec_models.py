@@ -1,24 +1,20 @@
 """The spec models: defaults, field-naming errors, and the cross-field rules."""
 
 import pytest
+from overrides import with_overrides
 
 from lora_operator.api import ALL_LINEAR, LoRATrainingJobSpec, SpecError, parse_manifest, parse_spec
 from lora_operator.api.base import ApiModel
 
+BASE = {
+    "baseModel": {"uri": "s3://models/tiny-llama", "revision": "sha256:" + "a" * 64},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://artifacts/run-1"},
+}
+
 
 def minimal_spec(**overrides):
-    spec = {
-        "baseModel": {"uri": "s3://models/tiny-llama", "revision": "sha256:" + "a" * 64},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "output": {"uri": "s3://artifacts/run-1"},
-    }
-    for path, value in overrides.items():
-        node = spec
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return spec
+    return with_overrides(BASE, **overrides)
 
 
 def test_should_fill_documented_defaults_when_only_required_fields_are_given():

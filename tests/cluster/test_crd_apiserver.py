@@ -1,10 +1,10 @@
 """The generated CRD on a real kube-apiserver: install, apply, printer columns, refusals."""
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
+from overrides import with_overrides
 
 pytestmark = pytest.mark.cluster
 
@@ -24,17 +24,7 @@ def _apply(cluster, namespace, manifest, check=False):
 
 
 def _with(path, value, name):
-    manifest = copy.deepcopy(EXAMPLE)
-    manifest["metadata"]["name"] = name
-    node = manifest["spec"]
-    *parents, leaf = path.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    if value is None:
-        node.pop(leaf, None)
-    else:
-        node[leaf] = value
-    return manifest
+    return {**EXAMPLE, "metadata": {"name": name}, "spec": with_overrides(EXAMPLE["spec"], **{path: value})}
 
 
 def test_should_accept_the_example_and_show_printer_columns(cluster, namespace, crd):

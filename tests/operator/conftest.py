@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
+from overrides import with_overrides
 
 from lora_operator.api import parse_spec
 from lora_operator.builders import Owner
@@ -20,14 +20,7 @@ BASE_SPEC: dict[str, Any] = {
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:
     """BASE_SPEC with dotted-path overrides: spec_dict(**{"resources.gpus": 0})."""
-    spec = copy.deepcopy(BASE_SPEC)
-    for path, value in overrides.items():
-        node = spec
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return spec
+    return with_overrides(BASE_SPEC, **overrides)
 
 
 @pytest.fixture

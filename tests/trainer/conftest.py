@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import tiny
 import yaml
+from overrides import with_overrides
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +36,7 @@ def job_spec(base: Path, **over) -> dict:
                      "checkpointEverySteps": 2, "evalEverySteps": 2, "keepCheckpoints": 2},
         "output": {"uri": "s3://out/job"},
     }
-    for dotted, value in over.items():
-        node = spec
-        *path, last = dotted.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return spec
+    return with_overrides(spec, **over)
 
 
 @pytest.fixture
