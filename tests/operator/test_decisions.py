@@ -113,6 +113,21 @@ def test_plan(name, jobs, kw, expected):
     assert (decision.start_attempt, decision.suspend_job) == expected
 
 
+def test_should_not_retry_an_attempt_that_failed_on_invalid_input():
+    previous = [{"index": 1, "outcome": "Failed", "reason": c.INVALID_INPUT, "exitCode": 2}]
+    assert plan([view(1, "Failed")], previous, suspend=False, max_retries=3, kueue_managed=False).start_attempt is None
+
+
+def test_should_classify_trainer_exit_2_as_invalid_input():
+    from lora_operator.status.jobs import pod_failure
+
+    pod = {"status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 2, "reason": "Error", "message": "s3://data/train.jsonl:7: empty assistant turn"}}}]}}
+    failure = pod_failure(pod)
+    assert (failure.reason, failure.exit_code) == (c.INVALID_INPUT, 2)
+    assert "train.jsonl:7" in failure.message
+
+
 def test_should_count_failures_recorded_in_status_for_jobs_no_longer_there():
     previous = [{"index": 1, "outcome": "Failed"}]
     assert plan([view(2, "Failed")], previous, suspend=False, max_retries=1, kueue_managed=False).start_attempt is None

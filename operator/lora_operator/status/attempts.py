@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import conditions as c
 from .observed import JobView
 
 MAX_MESSAGE = 1024
@@ -34,6 +35,18 @@ def merge_attempts(previous: Iterable[Mapping[str, Any]], jobs: Iterable[JobView
 
 def failed_count(attempts: Iterable[Mapping[str, Any]]) -> int:
     return sum(1 for a in attempts if a.get("outcome") == "Failed")
+
+
+def final_failure_reason(attempts: list[Mapping[str, Any]], max_retries: int) -> str | None:
+    """Why no further attempt may start after a failed one, or None when one may.
+
+    Invalid input (trainer exit 2) is final at once: retrying the same data cannot help.
+    """
+    if attempts and attempts[-1].get("reason") == c.INVALID_INPUT:
+        return c.INVALID_INPUT
+    if failed_count(attempts) > max_retries:
+        return c.BACKOFF_LIMIT_EXCEEDED
+    return None
 
 
 def describe_failure(attempt: Mapping[str, Any]) -> str:

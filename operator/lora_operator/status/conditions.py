@@ -44,6 +44,7 @@ GATE_FAILED = "GateFailed"
 PENDING_EVALUATION = "PendingEvaluation"
 COMPLETED = "Completed"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+INVALID_INPUT = "InvalidInput"  # the trainer refused its data, spec or base model (exit 2)
 IN_PROGRESS = "InProgress"
 NOT_STARTED = "NotStarted"
 
@@ -52,7 +53,7 @@ TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 # Reasons worth a Warning event when their condition becomes True (or Admitted becomes False).
 WARNING_REASONS = frozenset({
     INVALID_SPEC, POLICY_VIOLATION, QUOTA_EXCEEDED, KUEUE_NOT_INSTALLED, MAX_RUNNING_JOBS,
-    BACKOFF_LIMIT_EXCEEDED, GATE_FAILED, RETRYING, PREEMPTED,
+    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, RETRYING, PREEMPTED,
 })
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import conditions as c
-from .attempts import describe_failure, failed_count, merge_attempts
+from .attempts import describe_failure, final_failure_reason, merge_attempts
 from .observed import Observed
 from .progress import carried_fields
 
@@ -75,9 +75,12 @@ def _core_conditions(obs: Observed, attempts: list[dict[str, Any]], carried: Map
     current = obs.current
     if current and current.outcome == "Succeeded":
         return _finished(obs, carried, evaluated)
-    if current and current.outcome == "Failed" and failed_count(attempts) > obs.max_retries:
-        message = f"{describe_failure(attempts[-1])}; no retries left (maxRetries={obs.max_retries})"
-        return _terminal_failure(c.BACKOFF_LIMIT_EXCEEDED, message, admitted=_admitted(obs), evaluated=evaluated)
+    final = final_failure_reason(attempts, obs.max_retries) if current and current.outcome == "Failed" else None
+    if final:
+        why = "not retried: the same input fails again" if final == c.INVALID_INPUT else \
+            f"no retries left (maxRetries={obs.max_retries})"
+        message = f"{describe_failure(attempts[-1])}; {why}"
+        return _terminal_failure(final, message, admitted=_admitted(obs), evaluated=evaluated)
     return _in_progress(obs, attempts, evaluated)
 
 

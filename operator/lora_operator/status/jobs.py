@@ -7,9 +7,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..builders import LABEL_ATTEMPT
+from . import conditions as c
 from .observed import Failure, JobView
 
 PREEMPTED_EXIT = 143  # SIGTERM: the trainer saved a checkpoint and left
+INVALID_INPUT_EXIT = 2  # bad data, spec or base revision: the same input fails again, so no retry
 
 
 def _true_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
@@ -59,6 +61,8 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
         return Failure("OOMKilled", code, message)
     if code == PREEMPTED_EXIT:
         return Failure("Preempted", code, message)
+    if code == INVALID_INPUT_EXIT:
+        return Failure(c.INVALID_INPUT, code, message)
     return Failure(term.get("reason") or status.get("reason") or "Error", code, message)
 
 

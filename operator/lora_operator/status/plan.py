@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .attempts import failed_count, merge_attempts
+from .attempts import final_failure_reason, merge_attempts
 from .observed import JobView
 
 
@@ -40,7 +40,7 @@ def plan(
         return Plan(suspend_job=_suspend_change(current, suspend, kueue_managed))
     if current.outcome == "Failed" and not suspend:
         attempts = merge_attempts(previous_attempts, jobs)
-        if failed_count(attempts) <= max_retries:
+        if final_failure_reason(attempts, max_retries) is None:
             return Plan(start_attempt=current.attempt + 1)
     return Plan()
 
