@@ -2,7 +2,7 @@
 
 Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted config):
   fake-trainer/steps         optimizer steps (default 5), one every fake-trainer/step-seconds (0.2)
-  fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash
+  fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -80,7 +80,7 @@ def main():
     signal.signal(signal.SIGTERM, on_sigterm)
     write()
     if outcome == "crash":
-        terminate({"state": "Failed", "error": "crashed on purpose"}, 2)
+        terminate({"state": "Failed", "error": "crashed on purpose"}, 1)  # 2 would mean invalid input
     for step in range(start + 1, steps + 1):
         time.sleep(pause)
         store.put(f"checkpoints/step-{step}/COMPLETE", b"")

@@ -209,7 +209,7 @@ def test_should_fail_after_max_retries(namespace, api, storage, operator_factory
     apply(api, namespace, storage, annotations={"fake-trainer/outcome": "crash"}, maxRetries=1)
     status = wait_phase(api, namespace, "Failed")
     assert conditions(status)["Failed"] == ("True", "BackoffLimitExceeded")
-    assert [a["exitCode"] for a in status["attempts"]] == [2, 2]
+    assert [a["exitCode"] for a in status["attempts"]] == [1, 1]
 
 
 def _running_pod(api, namespace, job_name):
@@ -380,6 +380,33 @@ def test_should_train_a_tiny_model_end_to_end_with_the_real_trainer(namespace, a
     assert status["evaluation"]["verdict"] == "Passed"
     adapter = status["artifacts"]["adapter"].removeprefix(f"s3://{storage.bucket}/")
     assert list(storage.client.list_objects(storage.bucket, prefix=adapter, recursive=True))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_should_fail_at_once_naming_the_line_when_the_real_trainer_meets_bad_data(namespace, api, storage,
+                                                                                   operator_factory, tmp_path):
+    import tiny
+
+    from lora_trainer.storage import fingerprint_dir
+
+    base = tiny.make_tiny_base(tmp_path / "base")
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        storage.client.fput_object(storage.bucket, f"models/tiny/{path.relative_to(base).as_posix()}", str(path))
+    train = tiny.make_chat_jsonl(tmp_path / "train.jsonl", n=8)
+    lines = train.read_text().splitlines()
+    lines.insert(4, '{"messages": [{"role": "user", "content": "hi"}')  # line 5: truncated JSON
+    train.write_text("\n".join(lines) + "\n")
+    storage.client.fput_object(storage.bucket, "data/train.jsonl", str(train))
+    operator_factory(LORA_TRAINER_COMMAND="lora-trainer run")
+    apply(api, namespace, storage, maxRetries=3, **{
+        "baseModel.uri": f"s3://{storage.bucket}/models/tiny", "baseModel.revision": fingerprint_dir(base),
+        "dataset.train": f"s3://{storage.bucket}/data/train.jsonl", "quantization": "none",
+        "computeDtype": "float32", "resources.gpus": 0, "training.maxSteps": 2})
+    status = wait_phase(api, namespace, "Failed", timeout=150)
+    assert conditions(status)["Failed"] == ("True", "InvalidInput")
+    assert [a["exitCode"] for a in status["attempts"]] == [2], "invalid input must not be retried"
+    assert "train.jsonl:5" in status["attempts"][0]["message"], status["attempts"][0]
 
 
 @pytest.fixture
