@@ -5,7 +5,8 @@ Contract for pod specs run locally (documented in hack/podrunner.py as well):
 * The image is ignored; ``command`` + ``args`` run as a local process (no command: the pod fails).
 * Every volumeMount ``mountPath`` (and the ``terminationMessagePath``) that occurs as a path
   prefix in command, args, env values or workingDir is rewritten to a local directory
-  ``.local/pods/<ns>_<name>_<uid>/volumes/<volume>[/<subPath>]``. Code that hard-codes a mount
+  ``.local/pods/<ns>_<name>_<uid>/volumes/<volume>[/<subPath>]``, except a path that already
+  exists on this machine (a checkout under /tmp while the pod mounts an emptyDir at /tmp). Code that hard-codes a mount
   path without receiving it through those fields will not find its files.
 * Only a few variables of the runner's environment pass through (PATH with the venv's bin dir
   first, HOME, locale, HF_*/CUDA_*/TORCH* ..., and names in ``LORA_PODRUNNER_PASSENV``).
@@ -258,8 +259,16 @@ class PodWorker(threading.Thread):
                 target = local / m["subPath"] if m.get("subPath") else local
                 mapping[m["mountPath"].rstrip("/") or "/"] = str(target)
         keys = sorted(mapping, key=len, reverse=True)
-        pattern = re.compile(r"(?<![\w.~/-])(" + "|".join(map(re.escape, keys)) + r")(?=$|[/\s:;,'\"=])")
-        return lambda s: pattern.sub(lambda m: mapping[m.group(1)], s)
+        pattern = re.compile(r"(?<![\w.~/-])(" + "|".join(map(re.escape, keys)) + r")((?:/[^\s:;,'\"=]*)?)(?=$|[\s:;,'\"=])")
+
+        def replace(m: re.Match) -> str:
+            # A file that exists on this machine under a mount path (a checkout under /tmp, say,
+            # with an emptyDir at /tmp) is the host's own file, not one inside the volume.
+            if m.group(2) and os.path.exists(m.group(0)):
+                return m.group(0)
+            return mapping[m.group(1)] + m.group(2)
+
+        return lambda s: pattern.sub(replace, s)
 
     # ------------------------------------------------------------------ env and volumes
     def _resolve_env(self, c: dict) -> dict:

@@ -82,6 +82,23 @@ def test_configmap_volume_is_readable_through_the_rewritten_mount_path(cluster, 
     assert terminated(done)["message"] == "hello from a volume"
 
 
+def test_host_files_under_a_mount_path_are_not_rewritten_but_new_paths_are(cluster, namespace):
+    import tempfile
+
+    host_dir = Path(tempfile.mkdtemp(prefix="podrunner-", dir="/tmp"))  # like a checkout under /tmp
+    (host_dir / "script.sh").write_text('echo ran > "$OUT" && cat "$OUT"\n')
+    out = f"/tmp/{host_dir.name}-out"  # a new path under the mount: it belongs to the volume
+    p = pod("hostfile", ["sh", "-c", f"sh {host_dir}/script.sh > /dev/termination-log"],
+            container={"env": [{"name": "OUT", "value": out}],
+                       "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]},
+            volumes=[{"name": "tmp", "emptyDir": {}}])
+    create(cluster, namespace, p)
+    done = wait_terminal(cluster, namespace, "hostfile")
+    assert done["status"]["phase"] == "Succeeded", terminated(done)
+    assert terminated(done)["message"].strip() == "ran"
+    assert not Path(out).exists()
+
+
 def test_failing_command_gives_failed_phase_exit_code_and_termination_message(cluster, namespace):
     create(cluster, namespace,
            pod("boom", ["sh", "-c", "echo 'disk on fire' > /dev/termination-log; exit 3"]),
