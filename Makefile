@@ -59,4 +59,4 @@ demo: binaries  ## the Harbor Support demo: cluster, operator, tiny base model, 
 	$(PY) hack/demo.py
 
 bench: binaries  ## benchmarks: trainer vs HF Trainer baseline, checkpoint upload, operator latency
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -1,0 +1,86 @@
+"""`make bench`: run the CPU benchmarks, print one table, write bench/results/<name>.json.
+
+    python bench/run.py                 # trainer, upload, operator (N = 1, 50, 500)
+    python bench/run.py --quick         # operator N = 1, 50 only
+    python bench/run.py --only trainer  # one of: trainer, upload, operator
+
+Every figure is a ratio against a baseline measured in the same run on the same machine, except
+the operator's latencies and RSS, whose targets are absolute. GPU figures: bench/gpu_qlora.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import operator_bench  # noqa: E402
+import trainer_bench  # noqa: E402
+import upload_bench  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'figure':<44} {'ours':>10} {'baseline':>10} {'ratio':>7}  {'target':<12} met")
+    for r in rows:
+        print(f"{r['figure']:<44} {_fmt(r['ours']):>10} {_fmt(r['baseline']):>10} {_fmt(r['ratio']):>7}  "
+              f"{r['target']:<12} {_fmt(r['met'])}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="operator N = 1, 50 only")
+    parser.add_argument("--only", choices=["trainer", "upload", "operator"])
+    args = parser.parse_args()
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    needs_cluster = args.only in (None, "upload", "operator")
+    if needs_cluster:
+        subprocess.run([sys.executable, str(HERE.parent / "hack" / "localcluster.py"), "up"], check=True)
+    suites = {
+        "trainer": lambda: trainer_bench.run(work / "trainer"),
+        "upload": lambda: upload_bench.run(work / "upload"),
+        "operator": lambda: operator_bench.run(work / "operator", (1, 50) if args.quick else (1, 50, 500)),
+    }
+    rows = []
+    for name, fn in suites.items():
+        if args.only and name != args.only:
+            continue
+        print(f"==> {name}", flush=True)
+        result = {"machine": machine(), **fn()}
+        (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        rows.extend(result["figures"])
+    print()
+    print(f"machine: {machine()}")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
