@@ -77,6 +77,18 @@ def _watch_jobs(batch, namespace: str, seen: dict, stop: threading.Event) -> Non
                 break
 
 
+def _wait_jobs_finished(batch, namespace: str, n: int, timeout: float) -> None:
+    """The idle window starts only when every Job has finished (the pods of N jobs take a while)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = batch.list_namespaced_job(namespace).items
+        done = sum(1 for j in jobs if any(c.type in ("Complete", "Failed") and c.status == "True"
+                                          for c in (j.status.conditions or [])))
+        if done >= n:
+            return
+        time.sleep(1)
+
+
 def run_one(n: int, work: Path, idle_s: float = 20.0) -> dict:
     from kubernetes import client, config
 
@@ -103,7 +115,8 @@ def run_one(n: int, work: Path, idle_s: float = 20.0) -> dict:
         while len(set(created) & set(seen)) < n and time.monotonic() < deadline:
             time.sleep(0.1)
         latencies = [seen[k] - created[k] for k in created if k in seen]
-        time.sleep(15)  # let the pods finish and the status settle
+        _wait_jobs_finished(batch, namespace, n, timeout=120 + n * 0.5)
+        time.sleep(15)  # a resync and a progress interval: the last status patches land
         before = status_patches()
         time.sleep(idle_s)
         idle_patches = status_patches() - before
