@@ -8,15 +8,12 @@ SeaweedFS of the dev control plane; the two are interleaved and the best of 3 is
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def s3_env() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in (ROOT / ".local" / "s3.env").read_text().splitlines() if "=" in line)
-    return {k.strip().removeprefix("export "): v.strip().strip('"') for k, v in pairs}
+sys.path.insert(0, str(ROOT / "hack"))
 
 
 def fake_checkpoint(path: Path, mb: int = 64) -> int:
@@ -35,12 +32,13 @@ def fake_checkpoint(path: Path, mb: int = 64) -> int:
 
 
 def run(work: Path, mb: int = 64) -> dict:
+    import localcluster
     from minio import Minio
 
     from lora_trainer import checkpoint as ckpt
     from lora_trainer.storage import RetryingStore, S3Store
 
-    env = s3_env()
+    env = localcluster.read_s3_env(ROOT / ".local" / "s3.env")
     os.environ.update(env)
     client = Minio(env["S3_ENDPOINT"].split("://", 1)[1], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                    secure=False)

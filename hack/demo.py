@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import localcluster  # hack/, beside this script
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +45,6 @@ def run(*cmd: str, env: dict | None = None, capture: bool = False, input: str | 
     return out.stdout if capture else ""
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k.strip().removeprefix("export "): v.strip().strip('"') for k, v in pairs}
-
-
 def kubectl(*args: str, input: str | None = None, capture: bool = True) -> str:
     return run("kubectl", "--kubeconfig", str(LOCAL / "kubeconfig"), *args, input=input, capture=capture)
 
@@ -56,7 +52,7 @@ def kubectl(*args: str, input: str | None = None, capture: bool = True) -> str:
 def start_cluster() -> dict[str, str]:
     step("Local control plane (first run builds the Kubernetes binaries; ~12 min on 2 cores)")
     run(PY, "hack/localcluster.py", "up")
-    return read_env_file(LOCAL / "s3.env")
+    return localcluster.read_s3_env(LOCAL / "s3.env")
 
 
 def start_operator(s3: dict[str, str]) -> subprocess.Popen:

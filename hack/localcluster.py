@@ -352,6 +352,12 @@ def write_s3_env(st: dict) -> None:
     path.chmod(0o600)
 
 
+def read_s3_env(path: Path | None = None) -> dict[str, str]:
+    """The S3 endpoint and credentials `up` wrote (for the demo and the benchmarks)."""
+    text = (path or LOCAL / "s3.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     for name in reversed(COMPONENTS):
         stop(name)

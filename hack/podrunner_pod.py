@@ -308,22 +308,24 @@ class PodWorker(threading.Thread):
         v = data[ref["key"]]
         return v.decode(errors="replace") if isinstance(v, bytes) else v
 
+    def _fetch(self, kind: str, name: str, optional: bool) -> dict | None:
+        obj = self.api.get(f"/api/v1/namespaces/{self.ns}/{kind}s/{name}")
+        if obj is None and not optional:
+            raise ConfigError(f"{kind} {name!r} not found")
+        return obj
+
     def _configmap(self, name: str, optional: bool) -> dict | None:
-        obj = self.api.get(f"/api/v1/namespaces/{self.ns}/configmaps/{name}")
+        obj = self._fetch("configmap", name, optional)
         if obj is None:
-            if optional:
-                return None
-            raise ConfigError(f"configmap {name!r} not found")
+            return None
         data = dict(obj.get("data") or {})
         data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
         return data
 
     def _secret(self, name: str, optional: bool) -> dict | None:
-        obj = self.api.get(f"/api/v1/namespaces/{self.ns}/secrets/{name}")
+        obj = self._fetch("secret", name, optional)
         if obj is None:
-            if optional:
-                return None
-            raise ConfigError(f"secret {name!r} not found")
+            return None
         return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
     def _materialize_volumes(self) -> dict[str, Path]:
