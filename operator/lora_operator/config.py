@@ -6,25 +6,36 @@ Pure: parsing only, no I/O. `OperatorConfig.from_env(os.environ)` is called once
 Environment variables (Helm value in brackets is a suggestion for the chart):
 
   LORA_ALLOWED_BASE_MODEL_PREFIXES  comma list of URI prefixes a spec.baseModel.uri must start
-                                    with; empty = any  [policy.allowedBaseModelPrefixes]
+                                    with; empty = any  [policy.allowedBaseModelPrefixes]. An s3://
+                                    prefix means "on the operator's endpoint (LORA_S3_ENDPOINT)"; for
+                                    another allowed endpoint write <endpoint>/<bucket>/<prefix>
+  LORA_ALLOWED_DATASET_PREFIXES     the same for dataset.train, dataset.eval and
+                                    evaluation.regressionDataset.uri  [policy.allowedDatasetPrefixes]
+  LORA_ALLOWED_ENDPOINTS            comma list of S3 endpoints a spec.storage.endpoint may name besides
+                                    LORA_S3_ENDPOINT; empty = only LORA_S3_ENDPOINT  [policy.allowedEndpoints]
+  LORA_ALLOWED_TOLERATIONS          JSON list of tolerations a spec may use; a spec toleration must
+                                    match one (same key; operator/value/effect equal where the entry
+                                    sets them); empty = none  [policy.allowedTolerations]
+  LORA_ALLOWED_PRIORITY_CLASSES     comma list of PriorityClass names; empty = none  [policy.allowedPriorityClasses]
+  LORA_ALLOWED_NODE_SELECTOR_KEYS   comma list of node label keys spec.resources.nodeSelector may use;
+                                    empty = none  [policy.allowedNodeSelectorKeys]
   LORA_MAX_GPUS_PER_JOB             max resources.gpus x resources.nodes; 0 = no limit  [policy.maxGpusPerJob]
   LORA_MAX_RUNNING_JOBS_PER_NAMESPACE  running trainer Jobs per namespace; 0 = no limit
                                     [policy.maxRunningJobsPerNamespace]
   LORA_ALLOWED_IMAGES               comma list of allowed trainer images (exact, or a prefix ending
                                     in ':' '@' or '/'); empty = any  [policy.allowedImages]
   LORA_DEFAULT_IMAGE                trainer image when spec.image is empty  [trainer.image]
-                                    (alias LORA_DEFAULT_TRAINER_IMAGE)
   LORA_DEFAULT_QUEUE                Kueue LocalQueue when spec.queueName is empty; empty = no Kueue
                                     [kueue.defaultQueue]
   LORA_S3_ENDPOINT                  S3 endpoint when spec.storage.endpoint is empty  [s3.endpoint]
   LORA_S3_ACCESS_KEY_ID / LORA_S3_SECRET_ACCESS_KEY  (aliases AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
                                     the operator's OWN (read-only is enough) credentials for reading
-                                    progress.json; when unset, the operator reads the job's
-                                    spec.storage.secretName Secret (needs `get secrets`)  [objectStore.*]
+                                    progress.json, used only with LORA_S3_ENDPOINT; otherwise the
+                                    operator reads the job's spec.storage.secretName Secret in the
+                                    job's namespace (needs `get secrets`), else reads anonymously  [objectStore.*]
   LORA_READ_JOB_SECRETS             false: never read job Secrets (then grant no `get secrets`;
                                     without own credentials progress.json is read anonymously)
   LORA_PROGRESS_INTERVAL            seconds between two progress.json reads per job (default 30)
-                                    (alias LORA_PROGRESS_INTERVAL_S)
   LORA_RESYNC_INTERVAL              seconds between two level-based passes over all jobs (default 30)
   LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
                                     "lora-trainer run"); tests point it at a fake trainer
@@ -35,7 +46,7 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
   LORA_WATCH_TIMEOUT                server-side watch timeout, seconds (default 60)
   LORA_REQUEST_TIMEOUT              API request timeout, seconds (default 30)
   LORA_NAMESPACES                   comma list of namespaces to watch; empty = all (the command
-                                    line --namespace / --all-namespaces wins) (alias LORA_WATCH_NAMESPACES)
+                                    line --namespace / --all-namespaces wins)
 
 RBAC the operator needs: `RBAC_RULES` below (ClusterRole for --all-namespaces; with --namespace a
 Role per namespace is enough for the namespaced rows, plus the cluster-scoped CRD row). In short:
@@ -60,6 +71,7 @@ object storage are kept on purpose (they are the product; clean them up with a b
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,12 +111,23 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *aliases: str) -> float:
-    raw = _get(env, name, *aliases)
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
     try:
         return float(raw) if raw.strip() else default
     except ValueError:
         raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def _tolerations(env: Mapping[str, str], name: str) -> tuple[dict, ...]:
+    raw = _get(env, name).strip()
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        raise ValueError(f"{name}: expected a JSON list of tolerations, got {raw[:80]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"{name}: expected a JSON list of toleration objects")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,11 @@ class Policy:
     max_gpus_per_job: int = 0
     max_running_jobs_per_namespace: int = 0
     allowed_images: tuple[str, ...] = ()
+    allowed_dataset_prefixes: tuple[str, ...] = ()
+    allowed_endpoints: tuple[str, ...] = ()  # besides the operator's own LORA_S3_ENDPOINT
+    allowed_tolerations: tuple[Mapping[str, object], ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_node_selector_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,19 +172,24 @@ class OperatorConfig:
             max_gpus_per_job=_int(env, "LORA_MAX_GPUS_PER_JOB", 0),
             max_running_jobs_per_namespace=_int(env, "LORA_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
             allowed_images=_list(env.get("LORA_ALLOWED_IMAGES")),
+            allowed_dataset_prefixes=_list(env.get("LORA_ALLOWED_DATASET_PREFIXES")),
+            allowed_endpoints=_list(env.get("LORA_ALLOWED_ENDPOINTS")),
+            allowed_tolerations=_tolerations(env, "LORA_ALLOWED_TOLERATIONS"),
+            allowed_priority_classes=_list(env.get("LORA_ALLOWED_PRIORITY_CLASSES")),
+            allowed_node_selector_keys=_list(env.get("LORA_ALLOWED_NODE_SELECTOR_KEYS")),
         )
         log_format = env.get("LORA_LOG_FORMAT", "plain").strip() or "plain"
         if log_format not in ("plain", "json"):
             raise ValueError(f"LORA_LOG_FORMAT: expected plain or json, got {log_format!r}")
         return cls(
             policy=policy,
-            default_image=_get(env, "LORA_DEFAULT_IMAGE", "LORA_DEFAULT_TRAINER_IMAGE").strip() or DEFAULT_IMAGE,
+            default_image=_get(env, "LORA_DEFAULT_IMAGE").strip() or DEFAULT_IMAGE,
             default_queue=env.get("LORA_DEFAULT_QUEUE", "").strip() or None,
             s3_endpoint=env.get("LORA_S3_ENDPOINT", "").strip() or None,
             s3_access_key=_get(env, "LORA_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID") or None,
             s3_secret_key=_get(env, "LORA_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY") or None,
             read_job_secrets=_get(env, "LORA_READ_JOB_SECRETS").strip().lower() not in ("false", "0", "no"),
-            progress_interval=_float(env, "LORA_PROGRESS_INTERVAL", 30.0, "LORA_PROGRESS_INTERVAL_S"),
+            progress_interval=_float(env, "LORA_PROGRESS_INTERVAL", 30.0),
             resync_interval=_float(env, "LORA_RESYNC_INTERVAL", 30.0),
             trainer_command=tuple(shlex.split(env.get("LORA_TRAINER_COMMAND", ""))) or ("lora-trainer", "run"),
             termination_grace_seconds=_int(env, "LORA_TERMINATION_GRACE_SECONDS", 120),
@@ -165,5 +198,5 @@ class OperatorConfig:
             log_format=log_format,
             watch_timeout=_float(env, "LORA_WATCH_TIMEOUT", 60.0),
             request_timeout=_float(env, "LORA_REQUEST_TIMEOUT", 30.0),
-            namespaces=_list(_get(env, "LORA_NAMESPACES", "LORA_WATCH_NAMESPACES")),
+            namespaces=_list(_get(env, "LORA_NAMESPACES")),
         )

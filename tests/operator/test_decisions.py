@@ -17,9 +17,13 @@ from lora_operator.status import (
 )
 from lora_operator.status import conditions as c
 
+PLATFORM_S3 = "http://s3.platform:8333"
+OTHER_S3 = "https://s3.other.example"
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
 
 def config(**policy) -> OperatorConfig:
-    return OperatorConfig(policy=Policy(**policy))
+    return OperatorConfig(s3_endpoint=PLATFORM_S3, policy=Policy(**policy))
 
 
 POLICY_CASES = [
@@ -35,6 +39,40 @@ POLICY_CASES = [
      {"image": "ghcr.io/ok/trainer:1.2"}, None),
     ("should check the default image when spec.image is empty", {"allowed_images": ("ghcr.io/ok/trainer:1",)},
      {}, "spec.image"),
+    ("should refuse a storage endpoint that is not the platform's", {},
+     {"storage.endpoint": "http://127.0.0.1:9999"}, "spec.storage.endpoint"),
+    ("should accept the platform's endpoint spelled differently", {},
+     {"storage.endpoint": "http://S3.Platform:8333/"}, None),
+    ("should accept an endpoint on the allowlist", {"allowed_endpoints": (OTHER_S3,)},
+     {"storage.endpoint": OTHER_S3}, None),
+    ("should refuse an allowed s3:// base-model prefix served from another endpoint",
+     {"allowed_base_model_prefixes": ("s3://models/",), "allowed_endpoints": (OTHER_S3,)},
+     {"storage.endpoint": OTHER_S3}, "spec.baseModel.uri"),
+    ("should accept a base-model prefix qualified with its endpoint",
+     {"allowed_base_model_prefixes": (f"{OTHER_S3}/models/",), "allowed_endpoints": (OTHER_S3,)},
+     {"storage.endpoint": OTHER_S3}, None),
+    ("should refuse a dataset outside the allowed prefixes", {"allowed_dataset_prefixes": ("s3://datasets/team-a/",)},
+     {}, "spec.dataset.train"),
+    ("should check the held-out dataset too", {"allowed_dataset_prefixes": ("s3://datasets/support/",)},
+     {"dataset.eval": "s3://datasets/team-b/eval.jsonl"}, "spec.dataset.eval"),
+    ("should refuse any toleration when none is allowed", {},
+     {"resources.tolerations": [GPU_TAINT]}, "spec.resources.tolerations[0]"),
+    ("should accept an allowed toleration", {"allowed_tolerations": (GPU_TAINT,)},
+     {"resources.tolerations": [GPU_TAINT]}, None),
+    ("should accept a narrower toleration than the allowed Exists", {"allowed_tolerations": (GPU_TAINT,)},
+     {"resources.tolerations": [{"key": "nvidia.com/gpu", "value": "a100", "effect": "NoSchedule"}]}, None),
+    ("should refuse a tolerate-everything Exists", {"allowed_tolerations": (GPU_TAINT,)},
+     {"resources.tolerations": [{"operator": "Exists"}]}, "spec.resources.tolerations[0]"),
+    ("should refuse a toleration of every effect when one effect is allowed", {"allowed_tolerations": (GPU_TAINT,)},
+     {"resources.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}, "spec.resources.tolerations[0]"),
+    ("should refuse a priority class that is not allowed", {"allowed_priority_classes": ("team-batch",)},
+     {"resources.priorityClassName": "system-node-critical"}, "spec.resources.priorityClassName"),
+    ("should accept an allowed priority class", {"allowed_priority_classes": ("team-batch",)},
+     {"resources.priorityClassName": "team-batch"}, None),
+    ("should refuse a nodeSelector key that is not allowed", {"allowed_node_selector_keys": ("gpu.product",)},
+     {"resources.nodeSelector": {"kubernetes.io/hostname": "control-plane"}}, "spec.resources.nodeSelector"),
+    ("should accept allowed nodeSelector keys", {"allowed_node_selector_keys": ("gpu.product",)},
+     {"resources.nodeSelector": {"gpu.product": "H100"}}, None),
 ]
 
 
@@ -150,10 +188,20 @@ def test_should_read_the_config_from_env_and_refuse_bad_values():
     assert cfg.policy.allowed_base_model_prefixes == ("s3://a/", "hf://org/")
     assert cfg.policy.max_gpus_per_job == 8 and cfg.trainer_command == ("python", "/x/fake.py", "run")
     assert "hunter2" not in repr(cfg)
-    aliases = OperatorConfig.from_env({"LORA_WATCH_NAMESPACES": "a,b", "LORA_DEFAULT_TRAINER_IMAGE": "img:1",
-                                       "LORA_PROGRESS_INTERVAL_S": "5", "LORA_READ_JOB_SECRETS": "false",
-                                       "AWS_ACCESS_KEY_ID": "ak"})
-    assert aliases.namespaces == ("a", "b") and aliases.default_image == "img:1"
-    assert aliases.progress_interval == 5 and not aliases.read_job_secrets and aliases.s3_access_key == "ak"
+    named = OperatorConfig.from_env({"LORA_NAMESPACES": "a,b", "LORA_DEFAULT_IMAGE": "img:1",
+                                     "LORA_PROGRESS_INTERVAL": "5", "LORA_READ_JOB_SECRETS": "false",
+                                     "AWS_ACCESS_KEY_ID": "ak"})
+    assert named.namespaces == ("a", "b") and named.default_image == "img:1"
+    assert named.progress_interval == 5 and not named.read_job_secrets and named.s3_access_key == "ak"
+    unreleased = OperatorConfig.from_env({"LORA_WATCH_NAMESPACES": "a", "LORA_DEFAULT_TRAINER_IMAGE": "img:1",
+                                          "LORA_PROGRESS_INTERVAL_S": "5"})
+    assert (unreleased.namespaces, unreleased.progress_interval) == ((), 30.0), "aliases of never-released names"
+    assert unreleased.default_image != "img:1"
+    tolerations = OperatorConfig.from_env({"LORA_ALLOWED_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
+                                           "LORA_ALLOWED_ENDPOINTS": "https://s3.b.example"}).policy
+    assert tolerations.allowed_tolerations == ({"key": "gpu", "operator": "Exists"},)
+    assert tolerations.allowed_endpoints == ("https://s3.b.example",)
+    with pytest.raises(ValueError, match="LORA_ALLOWED_TOLERATIONS"):
+        OperatorConfig.from_env({"LORA_ALLOWED_TOLERATIONS": '{"key": "gpu"}'})
     with pytest.raises(ValueError, match="LORA_MAX_GPUS_PER_JOB"):
         OperatorConfig.from_env({"LORA_MAX_GPUS_PER_JOB": "many"})

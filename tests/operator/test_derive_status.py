@@ -37,7 +37,7 @@ FAILED_EVAL = {"verdict": "Failed", "reasons": ["evalLoss 1.9 > 1.5"], "results"
 
 def progress(state="Training", **kw) -> dict[str, Any]:
     return {"state": state, "step": 12, "totalSteps": 300, "loss": 1.5, "evalLoss": 1.7,
-            "tokensPerSecond": 1000.0, "etaSeconds": 600.5, "lastCheckpoint": "s3://a/checkpoints/step-10",
+            "tokensPerSecond": 1000.0, "etaSeconds": 600, "lastCheckpoint": "s3://a/checkpoints/step-10",
             "updatedAt": "2025-01-01T00:09:59Z", **kw}
 
 

@@ -62,3 +62,12 @@ def test_should_parse_the_trainers_summary_line_from_a_succeeded_pod():
            "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
     view = job_view(job, [pod("Succeeded", terminated={"exitCode": 0, "message": 'log\n{"state": "Rejected"}'})])
     assert view.outcome == "Succeeded" and view.summary == {"state": "Rejected"}
+
+
+def test_should_keep_event_names_within_253_characters_for_long_job_names():
+    from lora_operator.clients.kube import event_name
+
+    for owner in ("a" * 253, "b" * 239 + "-" + "c" * 13, "demo"):
+        name = event_name(owner)
+        assert len(name) <= 253 and not name.split(".")[0].endswith(("-", ".")), name
+    assert event_name("demo").startswith("demo.")

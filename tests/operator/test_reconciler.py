@@ -14,7 +14,7 @@ from lora_operator.observability.metrics import Metrics
 class FakeKube:
     def __init__(self, ltj):
         self.ltj, self.objects, self.status_patches, self.events, self.quotas = ltj, {}, [], [], []
-        self.secret_reads = 0
+        self.secret_reads, self.secrets, self.pods = 0, {"s3-credentials"}, {}
 
     def get_ltj(self, namespace, name):
         return copy.deepcopy(self.ltj)
@@ -23,7 +23,7 @@ class FakeKube:
         return [copy.deepcopy(o) for (kind, _), o in sorted(self.objects.items()) if kind == "Job"]
 
     def list_job_pods(self, namespace, job_name):
-        return []
+        return copy.deepcopy(self.pods.get(job_name, []))
 
     def create(self, manifest):
         key = (manifest["kind"], manifest["metadata"]["name"])
@@ -42,6 +42,9 @@ class FakeKube:
 
     def has_api_group(self, group):
         return False
+
+    def secret_exists(self, namespace, name):
+        return name in self.secrets
 
     def read_secret_keys(self, namespace, name, keys):
         self.secret_reads += 1
@@ -93,7 +96,7 @@ def test_should_create_the_children_once_and_not_patch_an_unchanged_status(world
 
 def test_should_read_progress_with_the_jobs_secret_and_keep_it_out_of_status_and_events(world):
     kube, storage, make = world
-    storage.progress = {"state": "Training", "step": 3, "totalSteps": 10}
+    storage.progress = {"jobUid": "u-1", "state": "Training", "step": 3, "totalSteps": 10}
     kube.objects = {}
     reconciler = make()
     reconciler.reconcile("ns", "demo")
@@ -137,3 +140,124 @@ def test_should_wait_on_a_full_quota_without_creating_a_job(world):
     make().reconcile("ns", "demo")
     assert kube.objects == {}
     assert kube.ltj["status"]["phase"] == "Queued"
+
+
+def _run(kube, reconciler, active=1):
+    reconciler.reconcile("ns", "demo")
+    kube.objects[("Job", "demo-a1")]["status"] = {"active": active, "ready": active,
+                                                  "startTime": "2025-01-01T00:00:02Z"}
+    reconciler.reconcile("ns", "demo")
+
+
+def test_should_drop_invalid_progress_fields_report_them_once_and_still_write_status(world):
+    kube, storage, make = world
+    storage.progress = {"jobUid": "u-1", "state": "Training", "step": "3a", "totalSteps": 10,
+                        "loss": float("nan"), "etaSeconds": float("inf"), "datasetHashes": ["x"]}
+    reconciler = make()
+    _run(kube, reconciler)
+    reconciler.reconcile("ns", "demo")
+    status = kube.ltj["status"]
+    assert status["phase"] == "Training" and status["progress"]["summary"] == "0/10"
+    assert "loss" not in status["progress"] and "etaSeconds" not in status["progress"]
+    warnings = [m for t, r, m in kube.events if r == "InvalidProgress"]
+    assert len(warnings) == 1, "the same problems are told once"
+    assert all(f in warnings[0] for f in ("step", "loss", "etaSeconds", "datasetHashes"))
+
+
+def test_should_not_use_a_progress_json_written_for_another_job(world):
+    kube, storage, make = world
+    storage.progress = {"jobUid": "someone-else", "state": "Succeeded", "step": 9, "totalSteps": 9}
+    _run(kube, make())
+    assert kube.ltj["status"]["phase"] == "Training" and "progress" not in kube.ltj["status"]
+    assert any(r == "InvalidProgress" and "someone-else" in m for _, r, m in kube.events)
+
+
+def test_should_send_its_own_keys_only_to_its_own_endpoint(world):
+    kube, storage, make = world
+    kube.ltj["spec"]["storage"]["endpoint"] = "https://other.example"
+    _run(kube, make(s3_access_key="own", s3_secret_key="own-secret", policy=Policy(
+        allowed_endpoints=("https://other.example/",))))
+    assert storage.reads and {r[0] for r in storage.reads} == {"https://other.example"}
+    assert {r[2] for r in storage.reads} == {"ak"}, "the job's own Secret, never the operator's key"
+    kube.ltj["spec"]["storage"]["secretName"] = None
+    make(s3_access_key="own", s3_secret_key="own-secret", policy=Policy(
+        allowed_endpoints=("https://other.example",))).reconcile("ns", "demo")
+    assert storage.reads[-1][2] is None
+
+
+def test_should_refuse_an_endpoint_that_is_not_allowed_without_reading_anything(world):
+    kube, storage, make = world
+    kube.ltj["spec"]["storage"]["endpoint"] = "http://attacker.example:9000"
+    make(s3_access_key="own", s3_secret_key="own-secret").reconcile("ns", "demo")
+    failed = next(c for c in kube.ltj["status"]["conditions"] if c["type"] == "Failed")
+    assert (failed["reason"], failed["message"].split(":")[0]) == ("PolicyViolation", "spec.storage.endpoint")
+    assert storage.reads == [] and kube.objects == {}
+
+
+def test_should_never_use_a_child_that_another_owner_holds(world):
+    kube, _, make = world
+    kube.objects[("ConfigMap", "demo-config")] = {"kind": "ConfigMap", "metadata": {
+        "name": "demo-config", "namespace": "ns", "ownerReferences": [
+            {"kind": "LoRATrainingJob", "name": "demo", "uid": "old-uid"}]}, "data": {"job.yaml": "old"}}
+    make().reconcile("ns", "demo")
+    assert ("Job", "demo-a1") not in kube.objects
+    assert kube.objects[("ConfigMap", "demo-config")]["data"] == {"job.yaml": "old"}, "nothing is overwritten"
+    admitted = next(c for c in kube.ltj["status"]["conditions"] if c["type"] == "Admitted")
+    assert (admitted["status"], admitted["reason"]) == ("False", "NameConflict")
+    assert "ConfigMap ns/demo-config" in admitted["message"] and "old-uid" in admitted["message"]
+    del kube.objects[("ConfigMap", "demo-config")]
+    make().reconcile("ns", "demo")
+    assert ("Job", "demo-a1") in kube.objects, "starts once the name is free"
+
+
+def test_should_start_the_next_attempt_only_when_the_last_ones_pods_are_gone(world):
+    kube, _, make = world
+    reconciler = make()
+    reconciler.reconcile("ns", "demo")
+    kube.objects[("Job", "demo-a1")]["status"] = {"terminating": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    kube.pods["demo-a1"] = [{"metadata": {"name": "demo-a1-x", "deletionTimestamp": "t"},
+                             "status": {"phase": "Running"}}]
+    reconciler.reconcile("ns", "demo")
+    assert ("Job", "demo-a2") not in kube.objects
+    admitted = next(c for c in kube.ltj["status"]["conditions"] if c["type"] == "Admitted")
+    assert admitted["reason"] == "PodsTerminating" and "attempt 2 starts when" in admitted["message"]
+    kube.objects[("Job", "demo-a1")]["status"]["terminating"] = 0
+    kube.pods["demo-a1"] = []
+    reconciler.reconcile("ns", "demo")
+    assert ("Job", "demo-a2") in kube.objects
+
+
+def test_should_name_a_missing_secret_and_start_when_it_appears(world):
+    kube, _, make = world
+    kube.secrets = set()
+    make().reconcile("ns", "demo")
+    admitted = next(c for c in kube.ltj["status"]["conditions"] if c["type"] == "Admitted")
+    assert (admitted["reason"], admitted["message"].split(":")[0]) == ("SecretNotFound", "spec.storage.secretName")
+    assert kube.objects == {}
+    kube.secrets = {"s3-credentials"}
+    make().reconcile("ns", "demo")
+    assert ("Job", "demo-a1") in kube.objects
+
+
+def test_should_name_a_missing_secret_from_the_pod_when_it_may_not_read_secrets(world):
+    kube, _, make = world
+    reconciler = make(read_job_secrets=False)
+    reconciler.reconcile("ns", "demo")
+    kube.objects[("Job", "demo-a1")]["status"] = {"active": 1, "ready": 0}
+    kube.pods["demo-a1"] = [{"metadata": {"name": "demo-a1-x"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}}]}}]
+    reconciler.reconcile("ns", "demo")
+    running = next(c for c in kube.ltj["status"]["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "SecretNotFound" and "s3-credentials" in running["message"]
+
+
+def test_should_forget_the_memory_of_deleted_jobs(world):
+    kube, storage, make = world
+    storage.progress = {"jobUid": "u-1", "state": "Training"}
+    reconciler = make()
+    _run(kube, reconciler)
+    assert reconciler._progress and reconciler._locks
+    kube.ltj = None
+    reconciler.reconcile("ns", "demo")
+    assert not reconciler._progress and not reconciler._locks

@@ -1,6 +1,19 @@
 """Typed API of `training.lora.dev/v1alpha1` (pydantic only: no kopf, kubernetes or torch)."""
 
 from .base import ApiModel, Rule, SpecError
+from .progress import (
+    EXIT_ERROR,
+    EXIT_INVALID_INPUT,
+    EXIT_PREEMPTED,
+    EXIT_SUCCEEDED,
+    FINISHED_STATES,
+    PROGRESS_FILE,
+    RUNNING_STATES,
+    TRAINER_STATES,
+    ProgressReport,
+    TrainerState,
+    read_report,
+)
 from .resource import (
     API_VERSION,
     GROUP,
@@ -9,6 +22,7 @@ from .resource import (
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    check_name,
     parse_manifest,
     parse_spec,
 )

@@ -177,6 +177,9 @@ def build_crd() -> dict[str, Any]:
                     "type": "object",
                     "description": "A LoRA/QLoRA fine-tuning run: train, evaluate, gate, publish.",
                     "required": ["spec"],
+                    "x-kubernetes-validations": [
+                        {"rule": r.NAME_RULE_CEL, "message": r.NAME_RULE_MESSAGE, "fieldPath": ".metadata.name"},
+                    ],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,14 @@ KIND = "LoRATrainingJob"
 PLURAL = "loratrainingjobs"
 SINGULAR = "loratrainingjob"
 SHORT_NAMES = ("ltj",)
+
+# A multi-node job's pods find each other through a headless Service named after the job, and a
+# Service name must be a DNS-1035 label (a letter first, no dots). The API server checks this
+# with the same rule (NAME_RULE_CEL, emitted into the CRD), so the operator never meets it.
+DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_RULE_CEL = f"!has(self.spec.resources) || self.spec.resources.nodes == 1 || self.metadata.name.matches('{DNS_1035}')"
+NAME_RULE_MESSAGE = ("metadata.name: a job with resources.nodes > 1 needs a name that starts with a letter and "
+                     "has only lower-case letters, digits and '-' (its pods' Service is named after it)")
 
 
 def _error_path(err: Mapping[str, Any], root: str) -> tuple[str, str]:
@@ -44,6 +53,12 @@ def parse_spec(spec: Mapping[str, Any] | None, root: str = "spec") -> LoRATraini
         first_field = errors[0][0]
         text = "; ".join(f"{path}: {msg}" for path, msg in errors)
         raise SpecError(first_field, text.removeprefix(f"{first_field}: ")) from None
+
+
+def check_name(name: str, spec: LoRATrainingJobSpec) -> None:
+    """Raise SpecError when the children of a job of this name could not be created."""
+    if spec.resources.nodes > 1 and not re.match(DNS_1035, name):
+        raise SpecError("metadata.name", NAME_RULE_MESSAGE.removeprefix("metadata.name: "))
 
 
 def parse_manifest(obj: Mapping[str, Any]) -> LoRATrainingJobSpec:

@@ -15,7 +15,6 @@ from .base import ApiModel, Rule
 
 # s3://bucket/prefix, hf://org/name, pvc://claim/path, file:///abs/path
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|hf://[^/\s]+/[^\s]+|pvc://[a-z0-9][a-z0-9.-]*(/.*)?|file:///.*)$"
-DATA_URI_PATTERN = URI_PATTERN
 OUTPUT_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9][a-z0-9.-]*(/.*)?|file:///.*)$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -18,6 +18,7 @@ from ..api import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MERGE = "application/merge-patch+json"
+MAX_EVENT_PREFIX = 253 - 13
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -26,6 +27,11 @@ def _selector(labels: Mapping[str, str]) -> str:
 
 def _json(response: Any) -> Any:
     return json.loads(response.data)
+
+
+def event_name(owner: str) -> str:
+    """`<owner>.<random>` within the 253 characters of a DNS subdomain, however long the owner's name."""
+    return f"{owner[:MAX_EVENT_PREFIX].rstrip('-.')}.{uuid.uuid4().hex[:12]}"
 
 
 def now_rfc3339() -> str:
@@ -82,7 +88,10 @@ class KubeClient:
         return self._call(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
 
     def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Create, or adopt the existing object of that name (AlreadyExists): idempotent."""
+        """Create, or return the existing object of that name (AlreadyExists): idempotent.
+
+        The existing object may belong to someone else; the caller checks its ownerReferences.
+        """
         kind, ns, name = manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         create, read = {
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
@@ -94,7 +103,7 @@ class KubeClient:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            log.info("%s %s/%s already exists; adopting it", kind, ns, name)
+            log.info("%s %s/%s already exists", kind, ns, name)
             return self._call(read, name, ns)
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
@@ -122,11 +131,23 @@ class KubeClient:
             return {}
         return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
 
+    def secret_exists(self, namespace: str, name: str) -> bool | None:
+        """True or False; None when the operator may not look (no `get secrets`: RBAC default)."""
+        try:
+            self._call(self.core.read_namespaced_secret, name, namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            if exc.status == 403:
+                return None
+            raise
+
     def emit_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = owner["metadata"]
         stamp = now_rfc3339()
         event = {
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "metadata": {"name": event_name(meta["name"]), "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": owner.get("apiVersion"), "kind": owner.get("kind"),
                                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
             "type": type_, "reason": reason, "message": message[:1024],

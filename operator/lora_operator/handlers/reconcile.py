@@ -3,7 +3,11 @@
 Every pass starts from a fresh GET and the live children, so it is the same after an operator
 restart, a retried handler or a missed event. Passes for one object are serialized by a lock (kopf
 handlers, the child-Job watch and the resync thread may all ask at once); children have
-deterministic names, so a repeated create adopts (AlreadyExists) instead of duplicating.
+deterministic names, so a repeated create finds its own child (AlreadyExists) instead of
+duplicating. A child of that name owned by anything else (an orphan of a deleted job of the same
+name, or an object a tenant made up) is never used: the job waits with Admitted=False NameConflict.
+
+Memory per job (locks, the last progress.json) is dropped when the job is found gone.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from ..api import LoRATrainingJobSpec, SpecError, parse_spec
+from ..api import KIND, LoRATrainingJobSpec, SpecError, check_name, parse_spec
 from ..builders import (
     LABEL_JOB,
     MANAGED_BY,
@@ -34,14 +39,18 @@ from ..status import (
     Blocked,
     JobView,
     Observed,
+    accept_report,
     check_kueue,
     check_policy,
     check_quota,
     check_running_limit,
     conditions,
     derive_status,
+    is_own_endpoint,
     is_terminal,
+    job_endpoint,
     job_view,
+    live_pods,
     plan,
     resolve_image,
     resolve_queue,
@@ -57,23 +66,61 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or ())
 
 
+class NameTaken(Exception):
+    """A child's name belongs to an object this LoRATrainingJob does not own."""
+
+    def __init__(self, obj: Mapping[str, Any]):
+        meta = obj.get("metadata", {})
+        owners = ", ".join(f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})"
+                           for r in meta.get("ownerReferences") or ()) or "no owner"
+        super().__init__(f"{obj.get('kind')} {meta.get('namespace')}/{meta.get('name')} already exists and is not "
+                         f"owned by this {KIND} (owned by {owners}); it is left untouched: delete or rename it")
+
+
+@dataclass
+class _Read:
+    """The last progress.json read of one job, and the problems already reported for it."""
+
+    uid: str
+    at: float
+    report: dict | None
+    reported: tuple[str, ...] = ()
+
+
 class Reconciler:
     def __init__(self, config: OperatorConfig, kube: KubeClient, storage: ProgressStore, metrics: Metrics,
                  clock: Callable[[], str] = now_rfc3339):
         self.config, self.kube, self.storage, self.metrics, self.clock = config, kube, storage, metrics, clock
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._progress: dict[str, tuple[float, dict | None]] = {}
+        self._progress: dict[str, _Read] = {}
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
+    def forget(self, key: str) -> None:
+        """Drop what is kept for one job (`namespace/name`): it is gone."""
+        with self._guard:
+            self._locks.pop(key, None)
+            self._progress.pop(key, None)
+
+    def forget_except(self, keys: Iterable[str]) -> None:
+        """Drop what is kept for every job not in `keys` (the live ones, from a full list)."""
+        live = set(keys)
+        with self._guard:
+            for gone in [k for k in self._locks if k not in live]:
+                self._locks.pop(gone, None)
+            for gone in [k for k in self._progress if k not in live]:
+                self._progress.pop(gone, None)
+
     def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
         """Run one pass; returns the status written (or kept), None when the object is gone."""
-        with self._lock(f"{namespace}/{name}"):
+        key = f"{namespace}/{name}"
+        with self._lock(key):
             body = self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
+                self.forget(key)
                 return None
             self.metrics.reconciles.inc()
             return self._pass(body)
@@ -98,10 +145,13 @@ class Reconciler:
             jobs = self._set_suspend(owner, jobs, decision.suspend_job)
         blocked: Blocked | None = None
         if decision.start_attempt:
-            blocked = self._admission(owner, spec, queue)
+            blocked = self._previous_pods_gone(owner, jobs) or self._admission(owner, spec, queue)
             if blocked is None:
-                jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
-        progress = self._read_progress(owner, spec, jobs)
+                try:
+                    jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
+                except NameTaken as taken:
+                    blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
+        progress = self._read_progress(body, owner, spec, jobs)
         return self._write(body, Observed(
             generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
             jobs=tuple(jobs), blocked=blocked, progress=progress))
@@ -109,17 +159,33 @@ class Reconciler:
     def _validate(self, body: Mapping[str, Any]) -> tuple[LoRATrainingJobSpec | None, tuple[str, str] | None]:
         try:
             spec = parse_spec(body.get("spec"))
+            check_name(body["metadata"]["name"], spec)
         except SpecError as exc:
             return None, (conditions.INVALID_SPEC, str(exc))
         return spec, check_policy(spec, self.config)
 
     def _view(self, owner: Owner, job: Mapping[str, Any], prev: Mapping[str, Any]) -> JobView:
-        """Look at the pods only once per finished attempt: afterwards status.attempts remembers."""
+        """Look at the pods once per finished attempt (afterwards status.attempts remembers), and
+        while a live attempt's pods are not ready (to name a missing Secret)."""
         view = job_view(job)
         recorded = next((a for a in prev.get("attempts") or () if a.get("index") == view.attempt), {})
-        if view.outcome and not recorded.get("outcome"):
+        finished_unrecorded = view.outcome and not recorded.get("outcome")
+        starting = view.outcome is None and not view.suspended and view.active > view.ready
+        if finished_unrecorded or starting:
             return job_view(job, self.kube.list_job_pods(owner.namespace, view.name))
         return view
+
+    def _previous_pods_gone(self, owner: Owner, jobs: list[JobView]) -> Blocked | None:
+        """Attempt N+1 starts only when attempt N's pods have stopped: they may still write checkpoints."""
+        if not jobs:
+            return None
+        last = max(jobs, key=lambda j: j.attempt)
+        running = last.terminating or len(live_pods(self.kube.list_job_pods(owner.namespace, last.name)))
+        if not running:
+            return None
+        return Blocked(conditions.PODS_TERMINATING, (
+            f"attempt {last.attempt + 1} starts when the {running} pod(s) of attempt {last.attempt} "
+            f"(Job {last.name}) have stopped"))
 
     def _set_suspend(self, owner: Owner, jobs: list[JobView], suspend: bool) -> list[JobView]:
         current = max(jobs, key=lambda j: j.attempt)
@@ -132,6 +198,11 @@ class Reconciler:
             blocked = check_kueue(queue, self.kube.has_api_group(KUEUE_GROUP))
             if blocked:
                 return blocked
+        secret = spec.storage.secret_name
+        if secret and self.config.read_job_secrets and self.kube.secret_exists(owner.namespace, secret) is False:
+            return Blocked(conditions.SECRET_NOT_FOUND, (
+                f"spec.storage.secretName: Secret {secret} does not exist in namespace {owner.namespace}; "
+                "the job starts when it does"))
         if self.config.policy.max_running_jobs_per_namespace:
             siblings = self.kube.list_jobs(owner.namespace, {"app.kubernetes.io/managed-by": MANAGED_BY})
             mine = selector_labels(owner.name)[LABEL_JOB]
@@ -143,13 +214,13 @@ class Reconciler:
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
-        self.kube.create(build_configmap(owner, spec, image=image, endpoint=endpoint))
+        self._create(owner, build_configmap(owner, spec, image=image, endpoint=endpoint))
         if spec.resources.nodes > 1:
-            self.kube.create(build_service(owner))
+            self._create(owner, build_service(owner))
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
                            endpoint=endpoint, queue_name=queue,
                            termination_grace_seconds=self.config.termination_grace_seconds)
-        job = self.kube.create(build_job(owner, spec, params))
+        job = self._create(owner, build_job(owner, spec, params))
         log.info("attempt %d of %s/%s: Job %s", attempt, owner.namespace, owner.name, job["metadata"]["name"])
         self.kube.emit_event(body, "Normal", "AttemptStarted", f"Job {job['metadata']['name']} (attempt {attempt})")
         if attempt == 1:
@@ -157,25 +228,42 @@ class Reconciler:
                                          job["metadata"].get("creationTimestamp"))
         return job_view(job)
 
-    def _read_progress(self, owner: Owner, spec: LoRATrainingJobSpec, jobs: list[JobView]) -> dict | None:
-        """progress.json, at most once per LORA_PROGRESS_INTERVAL, always when an attempt ended."""
+    def _create(self, owner: Owner, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        obj = self.kube.create(manifest)
+        if not _owned_by(obj, owner.uid):
+            raise NameTaken({"kind": manifest["kind"], **obj})
+        return obj
+
+    def _read_progress(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
+                       jobs: list[JobView]) -> dict | None:
+        """progress.json, at most once per LORA_PROGRESS_INTERVAL, always when an attempt ended.
+
+        Only the validated part is used; what was dropped is told once, as a Warning Event.
+        """
         if not jobs:
             return None
+        key = f"{owner.namespace}/{owner.name}"
         current = max(jobs, key=lambda j: j.attempt)
-        cached = self._progress.get(owner.uid)
-        fresh = cached and time.monotonic() - cached[0] < self.config.progress_interval
-        if fresh and current.outcome is None:
-            return cached[1]
-        endpoint = spec.storage.endpoint or self.config.s3_endpoint
+        cached = self._progress.get(key)
+        cached = cached if cached and cached.uid == owner.uid else None
+        if cached and current.outcome is None and time.monotonic() - cached.at < self.config.progress_interval:
+            return cached.report
+        endpoint = job_endpoint(spec, self.config)
         if not endpoint:
             return None
-        access, secret = self._credentials(owner, spec)
-        data = self.storage.read_progress(endpoint, spec.output.uri, access, secret)
-        self._progress[owner.uid] = (time.monotonic(), data)
-        return data
+        access, secret = self._credentials(owner, spec, endpoint)
+        report, problems = accept_report(self.storage.read_progress(endpoint, spec.output.uri, access, secret),
+                                         owner.uid)
+        reported = cached.reported if cached else ()
+        if problems and problems != reported:
+            self.kube.emit_event(body, "Warning", conditions.INVALID_PROGRESS, "; ".join(problems))
+        self._progress[key] = _Read(owner.uid, time.monotonic(), report, problems or reported)
+        return report
 
-    def _credentials(self, owner: Owner, spec: LoRATrainingJobSpec) -> tuple[str | None, str | None]:
-        if self.config.s3_access_key:
+    def _credentials(self, owner: Owner, spec: LoRATrainingJobSpec, endpoint: str) -> tuple[str | None, str | None]:
+        """The operator's own keys only for its own endpoint; else the job's Secret, from the job's
+        namespace (the endpoint passed the policy's allowlist); else none (anonymous)."""
+        if self.config.s3_access_key and is_own_endpoint(endpoint, self.config):
             return self.config.s3_access_key, self.config.s3_secret_key
         if spec.storage.secret_name and self.config.read_job_secrets:
             keys = self.kube.read_secret_keys(owner.namespace, spec.storage.secret_name,

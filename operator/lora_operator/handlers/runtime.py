@@ -66,3 +66,4 @@ class Runtime:
                 except Exception:
                     log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
             self.metrics.forget_except({i["metadata"]["uid"] for i in items})
+            self.reconciler.forget_except(f"{i['metadata']['namespace']}/{i['metadata']['name']}" for i in items)

@@ -3,20 +3,25 @@
 from . import conditions
 from .derive import OWNED_FIELDS, derive_status, is_terminal, phase_of
 from .events import Event, transition_events
-from .jobs import job_view
+from .jobs import job_view, live_pods
 from .observed import Blocked, Failure, JobView, Observed
 from .plan import Plan, plan, running_elsewhere
 from .policy import (
+    allowed_endpoints,
     check_kueue,
     check_policy,
     check_quota,
     check_running_limit,
+    is_own_endpoint,
+    job_endpoint,
     resolve_image,
     resolve_queue,
 )
+from .progress import accept_report
 
 __all__ = [
-    "OWNED_FIELDS", "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
+    "OWNED_FIELDS", "accept_report", "allowed_endpoints", "is_own_endpoint", "job_endpoint", "live_pods",
+    "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
     "check_policy", "check_quota", "check_running_limit", "conditions", "derive_status", "is_terminal",
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",
     "transition_events",

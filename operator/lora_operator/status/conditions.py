@@ -39,6 +39,11 @@ SUSPENDED_BY_USER = "SuspendedByUser"
 NOT_SUSPENDED = "NotSuspended"
 RETRYING = "Retrying"
 PREEMPTED = "Preempted"
+EVICTED = "Evicted"
+OOM_KILLED = "OOMKilled"
+ERROR = "Error"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+POD_LOST = "PodLost"
 GATE_PASSED = "GatePassed"
 GATE_FAILED = "GateFailed"
 PENDING_EVALUATION = "PendingEvaluation"
@@ -47,13 +52,19 @@ BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 INVALID_INPUT = "InvalidInput"  # the trainer refused its data, spec or base model (exit 2)
 IN_PROGRESS = "InProgress"
 NOT_STARTED = "NotStarted"
+NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object this job does not own
+PODS_TERMINATING = "PodsTerminating"  # the next attempt waits until the last one's pods are gone
+SECRET_NOT_FOUND = "SecretNotFound"  # spec.storage.secretName does not exist (yet)
+CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"  # the kubelet cannot build the container
+INVALID_PROGRESS = "InvalidProgress"  # Event only: progress.json had fields that were dropped
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
 # Reasons worth a Warning event when their condition becomes True (or Admitted becomes False).
 WARNING_REASONS = frozenset({
     INVALID_SPEC, POLICY_VIOLATION, QUOTA_EXCEEDED, KUEUE_NOT_INSTALLED, MAX_RUNNING_JOBS,
-    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, RETRYING, PREEMPTED,
+    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, RETRYING, PREEMPTED, NAME_CONFLICT, SECRET_NOT_FOUND,
+    CONTAINER_CONFIG_ERROR,
 })
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..api import FINISHED_STATES, RUNNING_STATES
 from . import conditions as c
 from .attempts import describe_failure, final_failure_reason, merge_attempts
 from .observed import Observed
 from .progress import carried_fields
 
-RUNNING_STATES = {"Preparing": c.PREPARING, "Training": c.TRAINING, "Evaluating": c.EVALUATING,
-                  "Exporting": c.EXPORTING}
+# The trainer's running states (api.RUNNING_STATES) are also the Running condition's reasons.
+REASON_OF_STATE = dict(zip(RUNNING_STATES, (c.PREPARING, c.TRAINING, c.EVALUATING, c.EXPORTING)))
 PHASE_OF_RUNNING = {c.PREPARING: "Training", c.TRAINING: "Training", c.EVALUATING: "Evaluating",
                     c.EXPORTING: "Exporting"}
 WAITING_REASONS = {c.QUEUED, c.QUOTA_EXCEEDED, c.MAX_RUNNING_JOBS, c.KUEUE_NOT_INSTALLED}
@@ -61,7 +62,7 @@ def _final_state(obs: Observed, carried: Mapping[str, Any]) -> str:
     """Succeeded or Rejected for an attempt that exited 0: progress.json, else the summary line."""
     for source in (obs.progress, obs.current.summary if obs.current else None):
         state = (source or {}).get("state")
-        if state in ("Succeeded", "Rejected"):
+        if state in FINISHED_STATES:
             return state
     verdict = (carried.get("evaluation") or {}).get("verdict")
     return "Rejected" if verdict == "Failed" else "Succeeded"
@@ -155,11 +156,14 @@ def _running(obs: Observed, live) -> dict:
     previous = c.find((obs.previous or {}).get("conditions"), c.RUNNING) or {}
     if live.active == 0 and live.finished_pods and previous.get("status") == c.TRUE:
         return {k: previous[k] for k in ("type", "status", "reason", "message")}  # pods done, Job concluding
+    if live.waiting:  # e.g. the storage Secret is missing: the kubelet retries until it exists
+        reason, message = live.waiting
+        return c.condition(c.RUNNING, c.FALSE, reason, f"{message}; the trainer starts once this is fixed")
     if live.active == 0:
         return c.condition(c.RUNNING, c.FALSE, c.POD_STARTING, f"waiting for the pods of Job {live.name}")
     state = (obs.progress or {}).get("state")
-    if state in RUNNING_STATES and (obs.progress or {}).get("attempt") in (None, live.attempt):
-        reason = RUNNING_STATES[state]
+    if state in REASON_OF_STATE and (obs.progress or {}).get("attempt") in (None, live.attempt):
+        reason = REASON_OF_STATE[state]
     else:
         reason = previous.get("reason") if previous.get("reason") in PHASE_OF_RUNNING else c.PREPARING
     return c.condition(c.RUNNING, c.TRUE, reason, f"attempt {live.attempt}: {reason.lower()}")

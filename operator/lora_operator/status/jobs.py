@@ -6,12 +6,10 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..api import EXIT_INVALID_INPUT, EXIT_PREEMPTED
 from ..builders import LABEL_ATTEMPT
 from . import conditions as c
 from .observed import Failure, JobView
-
-PREEMPTED_EXIT = 143  # SIGTERM: the trainer saved a checkpoint and left
-INVALID_INPUT_EXIT = 2  # bad data, spec or base revision: the same input fails again, so no retry
 
 
 def _true_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
@@ -54,16 +52,33 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
     code, message = term.get("exitCode"), (term.get("message") or "").strip() or None
     for cond in status.get("conditions") or ():
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-            return Failure(cond.get("reason") or "Preempted", code, message or cond.get("message"))
-    if status.get("reason") == "Evicted":
-        return Failure("Evicted", code, status.get("message") or message)
-    if term.get("reason") == "OOMKilled":
-        return Failure("OOMKilled", code, message)
-    if code == PREEMPTED_EXIT:
-        return Failure("Preempted", code, message)
-    if code == INVALID_INPUT_EXIT:
+            return Failure(cond.get("reason") or c.PREEMPTED, code, message or cond.get("message"))
+    if status.get("reason") == c.EVICTED:
+        return Failure(c.EVICTED, code, status.get("message") or message)
+    if term.get("reason") == c.OOM_KILLED:
+        return Failure(c.OOM_KILLED, code, message)
+    if code == EXIT_PREEMPTED:
+        return Failure(c.PREEMPTED, code, message)
+    if code == EXIT_INVALID_INPUT:
         return Failure(c.INVALID_INPUT, code, message)
-    return Failure(term.get("reason") or status.get("reason") or "Error", code, message)
+    return Failure(term.get("reason") or status.get("reason") or c.ERROR, code, message)
+
+
+def live_pods(pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Pods that may still run code: not finished, or finished but not yet deleted after a delete."""
+    return [p for p in pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+
+
+def config_error(pods: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) when the kubelet cannot create a container (a missing Secret, ConfigMap or key)."""
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or ():
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == c.CONTAINER_CONFIG_ERROR:
+                message = waiting.get("message") or ""
+                reason = c.SECRET_NOT_FOUND if message.startswith("secret") else c.CONTAINER_CONFIG_ERROR
+                return reason, f"pod {pod['metadata']['name']}: {message}"[:1024]
+    return None
 
 
 def job_failure(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> Failure:
@@ -72,9 +87,9 @@ def job_failure(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> Fa
     if failed:
         return pod_failure(min(failed, key=lambda p: p["metadata"]["name"]))
     cond = _true_condition(job, "Failed") or {}
-    if cond.get("reason") == "DeadlineExceeded":
-        return Failure("DeadlineExceeded", None, cond.get("message"))
-    return Failure("PodLost", None, cond.get("message") or "the pod disappeared before it finished")
+    if cond.get("reason") == c.DEADLINE_EXCEEDED:
+        return Failure(c.DEADLINE_EXCEEDED, None, cond.get("message"))
+    return Failure(c.POD_LOST, None, cond.get("message") or "the pod disappeared before it finished")
 
 
 def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] | None = None) -> JobView:
@@ -98,6 +113,8 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] | None = 
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
         finished_pods=int(status.get("succeeded") or 0) + int(status.get("failed") or 0),
+        terminating=int(status.get("terminating") or 0),
+        waiting=config_error(pods) if pods and outcome is None else None,
         outcome=outcome,
         failure=failure,
         summary=summary,

@@ -29,6 +29,8 @@ class JobView:
     active: int = 0
     ready: int = 0
     finished_pods: int = 0  # succeeded + failed pods; >0 with active == 0: the Job is concluding
+    terminating: int = 0  # pods being deleted (status.terminating); a new attempt waits for 0
+    waiting: tuple[str, str] | None = None  # (reason, message) of a pod the kubelet cannot start
     outcome: str | None = None  # "Succeeded" | "Failed" | None while running
     failure: Failure | None = None  # set when the operator looked at the failed pod
     summary: Mapping[str, Any] | None = None  # trainer's one-line JSON termination message

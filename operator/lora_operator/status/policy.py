@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
-from ..api import LoRATrainingJobSpec
+from ..api import LoRATrainingJobSpec, Toleration
 from ..config import OperatorConfig, Policy
 from . import conditions as c
 from .observed import Blocked
@@ -30,13 +31,97 @@ def _image_allowed(image: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+def normalize_endpoint(url: str | None) -> str | None:
+    """scheme://host[:port][/path] in lower case, no trailing slash: the form endpoints are compared in."""
+    if not url:
+        return None
+    parsed = urlparse(url.strip())
+    return f"{parsed.scheme.lower()}://{parsed.netloc.lower()}{parsed.path.rstrip('/')}"
+
+
+def allowed_endpoints(config: OperatorConfig) -> frozenset[str]:
+    """The operator's own endpoint and the policy's list: the only ones a job may name."""
+    found = (normalize_endpoint(e) for e in (config.s3_endpoint, *config.policy.allowed_endpoints))
+    return frozenset(e for e in found if e)
+
+
+def is_own_endpoint(endpoint: str | None, config: OperatorConfig) -> bool:
+    """Whether the operator's own credentials may be sent there (its configured endpoint only)."""
+    return bool(endpoint) and normalize_endpoint(endpoint) == normalize_endpoint(config.s3_endpoint)
+
+
+def job_endpoint(spec: LoRATrainingJobSpec, config: OperatorConfig) -> str | None:
+    return spec.storage.endpoint or config.s3_endpoint
+
+
+def _location(uri: str, endpoint: str | None) -> str:
+    """Where a URI really points: an s3:// URI only means something together with its endpoint."""
+    if uri.startswith("s3://") and endpoint:
+        return f"{normalize_endpoint(endpoint)}/{uri.removeprefix('s3://')}"
+    return uri
+
+
+def _uri_allowed(uri: str, prefixes: Iterable[str], spec: LoRATrainingJobSpec, config: OperatorConfig) -> bool:
+    where = _location(uri, job_endpoint(spec, config))
+    for prefix in prefixes:
+        if prefix.startswith(("http://", "https://")):  # <endpoint>/<bucket>/<prefix>
+            parsed = urlparse(prefix)
+            prefix = f"{parsed.scheme.lower()}://{parsed.netloc.lower()}{parsed.path}"
+        if where.startswith(_location(prefix, config.s3_endpoint)):
+            return True
+    return False
+
+
+def _toleration_matches(t: Toleration, allowed: Mapping[str, Any]) -> bool:
+    if t.key != allowed.get("key"):
+        return False
+    if allowed.get("effect") and t.effect != allowed["effect"]:
+        return False
+    if allowed.get("operator") == "Exists":
+        return True  # Equal on the same key is narrower than Exists
+    value = allowed.get("value")
+    return (t.operator or "Equal") == "Equal" and (value is None or t.value == value)
+
+
+def _check_placement(spec: LoRATrainingJobSpec, policy: Policy) -> str | None:
+    res = spec.resources
+    for i, t in enumerate(res.tolerations):
+        if not any(_toleration_matches(t, a) for a in policy.allowed_tolerations):
+            return (f"spec.resources.tolerations[{i}]: {t.to_wire()} is not an allowed toleration "
+                    f"(allowed: {list(policy.allowed_tolerations) or 'none'})")
+    if res.priority_class_name and res.priority_class_name not in policy.allowed_priority_classes:
+        return (f"spec.resources.priorityClassName: {res.priority_class_name!r} is not an allowed priority "
+                f"class (allowed: {', '.join(policy.allowed_priority_classes) or 'none'})")
+    for key in sorted(res.node_selector):
+        if key not in policy.allowed_node_selector_keys:
+            return (f"spec.resources.nodeSelector: key {key!r} is not allowed "
+                    f"(allowed: {', '.join(policy.allowed_node_selector_keys) or 'none'})")
+    return None
+
+
+def _check_uris(spec: LoRATrainingJobSpec, config: OperatorConfig) -> str | None:
+    policy = config.policy
+    if spec.storage.endpoint and normalize_endpoint(spec.storage.endpoint) not in allowed_endpoints(config):
+        return (f"spec.storage.endpoint: {spec.storage.endpoint} is not an allowed object-store endpoint "
+                f"(allowed: {', '.join(sorted(allowed_endpoints(config))) or 'none'})")
+    checks = [("spec.baseModel.uri", spec.base_model.uri, policy.allowed_base_model_prefixes)]
+    regression = spec.evaluation.regression_dataset
+    for field, uri in (("spec.dataset.train", spec.dataset.train), ("spec.dataset.eval", spec.dataset.eval),
+                       ("spec.evaluation.regressionDataset.uri", regression.uri if regression else None)):
+        checks.append((field, uri, policy.allowed_dataset_prefixes))
+    for field, uri, prefixes in checks:
+        if uri and prefixes and not _uri_allowed(uri, prefixes, spec, config):
+            where = f" on {job_endpoint(spec, config)}" if uri.startswith("s3://") else ""
+            return f"{field}: {uri}{where} is not under an allowed prefix ({', '.join(prefixes)})"
+    return None
+
+
 def check_policy(spec: LoRATrainingJobSpec, config: OperatorConfig) -> tuple[str, str] | None:
     """(PolicyViolation, message naming the field) when the cluster policy refuses this spec."""
     policy: Policy = config.policy
-    uri = spec.base_model.uri
-    prefixes = policy.allowed_base_model_prefixes
-    if prefixes and not any(uri.startswith(p) for p in prefixes):
-        return c.POLICY_VIOLATION, f"spec.baseModel.uri: {uri} is not under an allowed prefix ({', '.join(prefixes)})"
+    refused = _check_uris(spec, config) or _check_placement(spec, policy)
+    if refused:
+        return c.POLICY_VIOLATION, refused
     gpus = total_gpus(spec)
     if policy.max_gpus_per_job and gpus > policy.max_gpus_per_job:
         return c.POLICY_VIOLATION, (

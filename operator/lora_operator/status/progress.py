@@ -1,87 +1,65 @@
-"""Map the trainer's progress.json onto status fields (validated by the shared status models)."""
+"""progress.json -> status fields. Pure.
+
+`accept_report` turns the parsed JSON into the report this job may use (api.read_report drops
+invalid fields; a report of another job is not used at all), `carried_fields` maps a validated
+report onto the status blocks. Only one shape is accepted: the one `api.ProgressReport` defines.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
-from ..api import Artifacts, Checkpoints, EvaluationStatus, Progress
+from ..api import Artifacts, Checkpoints, EvaluationStatus, Progress, read_report
 
 CARRIED = ("progress", "checkpoints", "evaluation", "artifacts", "datasetHashes", "skippedLines")
 
 
+def accept_report(raw: Any, job_uid: str) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """(the report's wire dict, or None when unusable; problems, one line each, for one Event)."""
+    if raw is None:
+        return None, ()
+    report, problems = read_report(raw)
+    if report.job_uid != job_uid:
+        why = f"jobUid is {report.job_uid!r}" if report.job_uid else "it has no jobUid"
+        return None, (f"progress.json not used: {why}, this LoRATrainingJob's uid is {job_uid}",)
+    return report.to_wire(), tuple(problems)
+
+
 def _clean(model: type, data: Mapping[str, Any]) -> dict[str, Any] | None:
-    known = {field.alias or name for name, field in model.model_fields.items()}
-    try:
-        wire = model.model_validate({k: v for k, v in data.items() if v is not None and k in known}).to_wire()
-    except ValidationError:
-        return None
+    wire = model.model_validate({k: v for k, v in data.items() if v is not None}).to_wire()
     return wire or None
 
 
 def progress_block(p: Mapping[str, Any]) -> dict[str, Any] | None:
-    step, total = int(p.get("step") or 0), int(p.get("totalSteps") or 0)
-    eta = p.get("etaSeconds")
+    step, total = p.get("step") or 0, p.get("totalSteps") or 0
     return _clean(Progress, {
         "step": step,
         "totalSteps": total,
         "percent": min(100, step * 100 // total) if total else 0,
         "summary": f"{step}/{total}" if total else f"{step}",
-        "epoch": p.get("epoch"),
-        "loss": p.get("loss"),
-        "evalLoss": p.get("evalLoss"),
-        "learningRate": p.get("learningRate"),
-        "tokensPerSecond": p.get("tokensPerSecond"),
-        "etaSeconds": int(eta) if isinstance(eta, (int, float)) else None,
-        "updatedAt": p.get("updatedAt"),
+        **{k: p.get(k) for k in ("epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds",
+                                 "updatedAt")},
     })
 
 
-def _results(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Accept a list of {name, base, adapter, ...} or a mapping name -> {base, adapter, ...}."""
-    out = []
-    for key in ("results", "checks", "metrics"):
-        value = evaluation.get(key)
-        items = value.items() if isinstance(value, Mapping) else ((None, v) for v in value or ())
-        for name, item in items:
-            if isinstance(item, Mapping):
-                threshold = item.get("threshold")
-                out.append({"name": str(item.get("name") or name), "base": item.get("base"),
-                            "adapter": item.get("adapter"), "passed": item.get("passed"),
-                            "threshold": None if threshold is None else str(threshold)})
-    for name, item in evaluation.items():  # top-level {evalLoss: {base, adapter}} style
-        if isinstance(item, Mapping) and ("base" in item or "adapter" in item):
-            out.append({"name": name, "base": item.get("base"), "adapter": item.get("adapter"),
-                        "passed": item.get("passed"),
-                        "threshold": None if item.get("threshold") is None else str(item["threshold"])})
-    return [r for r in out if isinstance(r["base"], (int, float, type(None)))
-            and isinstance(r["adapter"], (int, float, type(None)))]
-
-
-def evaluation_block(evaluation: Mapping[str, Any]) -> dict[str, Any] | None:
-    verdict, passed = evaluation.get("verdict"), evaluation.get("passed")
-    if verdict not in ("Passed", "Failed"):
-        verdict = None if passed is None else ("Passed" if passed else "Failed")
-    return _clean(EvaluationStatus, {
-        "verdict": verdict,
-        "reasons": [str(r) for r in evaluation.get("reasons") or ()],
-        "results": _results(evaluation),
-    })
+def evaluation_block(evaluation: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A report's `eval` is already in the shape of status.evaluation."""
+    return _clean(EvaluationStatus, evaluation) if evaluation else None
 
 
 def carried_fields(previous: Mapping[str, Any], p: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Status fields mirrored from progress.json; the previous values when it was not read."""
+    """Status fields mirrored from a validated report; the previous values when none was read."""
     if p is None:
         return {k: previous.get(k) for k in CARRIED if previous.get(k) is not None}
+    artifacts = {k: v for k, v in (p.get("artifacts") or {}).items() if k in Artifacts.model_fields}
     out: dict[str, Any] = {
         "progress": progress_block(p),
         "checkpoints": _clean(Checkpoints, {"latest": p.get("lastCheckpoint"), "best": p.get("bestCheckpoint"),
                                             "bestEvalLoss": p.get("bestEvalLoss")}),
-        "evaluation": evaluation_block(p["eval"]) if isinstance(p.get("eval"), Mapping) else None,
-        "artifacts": _clean(Artifacts, dict(p["artifacts"])) if isinstance(p.get("artifacts"), Mapping) else None,
-        "datasetHashes": {str(k): str(v) for k, v in (p.get("datasetHashes") or {}).items()} or None,
-        "skippedLines": p.get("skippedLines") if isinstance(p.get("skippedLines"), int) else None,
+        "evaluation": evaluation_block(p.get("eval")),
+        "artifacts": _clean(Artifacts, artifacts) if artifacts else None,
+        "datasetHashes": dict(p.get("datasetHashes") or {}) or None,
+        "skippedLines": p.get("skippedLines"),
     }
     return {k: v if v is not None else previous.get(k) for k, v in out.items() if v is not None or previous.get(k) is not None}
