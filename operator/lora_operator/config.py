@@ -40,6 +40,11 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
   LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
                                     "lora-trainer run"); tests point it at a fake trainer
   LORA_TERMINATION_GRACE_SECONDS    pod grace period for the final checkpoint (default 120)
+  LORA_DEFAULT_EPHEMERAL_STORAGE    local disk per trainer pod when spec.resources.ephemeralStorage is
+                                    empty (default 100Gi)  [trainer.ephemeralStorage]
+  LORA_NETWORK_POLICY               false: create no NetworkPolicy per job (default true)  [networkPolicy.enabled]
+  LORA_NETWORK_POLICY_EGRESS_PORTS  comma list of further TCP ports trainer pods may reach (besides DNS,
+                                    the object-store ports and 443 for hf://)  [networkPolicy.extraEgressPorts]
   LORA_METRICS_PORT                 Prometheus /metrics port; 0 = off (default 8080)
   LORA_LIVENESS_ENDPOINT            kopf liveness URL (default http://0.0.0.0:8081/healthz)
   LORA_LOG_FORMAT                   plain | json (default plain)
@@ -56,9 +61,11 @@ Role per namespace is enough for the namespaced rows, plus the cluster-scoped CR
   batch              jobs                       get list watch create patch
   ""                 pods                       list                   (failure reasons of attempts)
   ""                 configmaps, services       get create
+  networking.k8s.io  networkpolicies            get create             (one per job, LORA_NETWORK_POLICY)
   ""                 resourcequotas             list                   (GPU quota check)
   ""                 events                     create                 (ours and kopf's)
-  ""                 secrets                    get    only when LORA_S3_ACCESS_KEY_ID is unset
+  ""                 secrets                    get    only to read a job's own storage Secret (the chart
+                                                       grants it only with operator.readJobSecrets)
   ""                 namespaces                 list watch             (kopf, with --all-namespaces)
   apiextensions.k8s.io customresourcedefinitions  list watch         (kopf's resource scanning)
   API discovery (`/apis`, Kueue detection) is open to every authenticated user.
@@ -86,6 +93,7 @@ RBAC_RULES: tuple[dict, ...] = (
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["resourcequotas"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # drop with LORA_S3_ACCESS_KEY_ID set
@@ -117,6 +125,16 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw) if raw.strip() else default
     except ValueError:
         raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def _ports(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    try:
+        ports = tuple(int(p) for p in _list(_get(env, name)))
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma list of port numbers, got {_get(env, name)!r}") from None
+    if not all(0 < p < 65536 for p in ports):
+        raise ValueError(f"{name}: ports are 1..65535")
+    return ports
 
 
 def _tolerations(env: Mapping[str, str], name: str) -> tuple[dict, ...]:
@@ -158,6 +176,9 @@ class OperatorConfig:
     resync_interval: float = 30.0
     trainer_command: tuple[str, ...] = ("lora-trainer", "run")
     termination_grace_seconds: int = 120
+    default_ephemeral_storage: str = "100Gi"
+    network_policy: bool = True
+    network_policy_egress_ports: tuple[int, ...] = ()
     metrics_port: int = 8080
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     log_format: str = "plain"
@@ -193,6 +214,9 @@ class OperatorConfig:
             resync_interval=_float(env, "LORA_RESYNC_INTERVAL", 30.0),
             trainer_command=tuple(shlex.split(env.get("LORA_TRAINER_COMMAND", ""))) or ("lora-trainer", "run"),
             termination_grace_seconds=_int(env, "LORA_TERMINATION_GRACE_SECONDS", 120),
+            default_ephemeral_storage=_get(env, "LORA_DEFAULT_EPHEMERAL_STORAGE").strip() or "100Gi",
+            network_policy=_get(env, "LORA_NETWORK_POLICY").strip().lower() not in ("false", "0", "no"),
+            network_policy_egress_ports=_ports(env, "LORA_NETWORK_POLICY_EGRESS_PORTS"),
             metrics_port=_int(env, "LORA_METRICS_PORT", 8080),
             liveness_endpoint=env.get("LORA_LIVENESS_ENDPOINT", "").strip() or "http://0.0.0.0:8081/healthz",
             log_format=log_format,

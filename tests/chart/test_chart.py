@@ -81,12 +81,31 @@ def test_should_ship_the_generated_crd_unchanged():
 
 # --- RBAC -----------------------------------------------------------------------------------------
 
+SECRET_READS = {("", "secrets", "get")}
+READ_JOB_SECRETS = {"operator": {"readJobSecrets": True}}
+
+
 def test_should_grant_cluster_wide_exactly_the_rules_the_operator_declares(render):
-    assert all_grants(render()) == grants(list(config.RBAC_RULES))
+    assert all_grants(render(**READ_JOB_SECRETS)) == grants(list(config.RBAC_RULES))
+
+
+def test_should_read_no_secret_anywhere_by_default(render):
+    docs = render()
+    assert all_grants(docs) == grants(list(config.RBAC_RULES)) - SECRET_READS
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["LORA_READ_JOB_SECRETS"] == "false"
+
+
+def test_should_create_network_policies_only_when_enabled(render):
+    assert ("networking.k8s.io", "networkpolicies", "create") in all_grants(render())
+    docs = render(networkPolicy={"enabled": False})
+    assert not {g for g in all_grants(docs) if g[1] == "networkpolicies"}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert config.OperatorConfig.from_env(env).network_policy is False
 
 
 def test_should_grant_namespaced_rules_only_in_watched_namespaces(render):
-    docs = render(**NAMESPACED)
+    docs = render(**NAMESPACED, **READ_JOB_SECRETS)
     roles = of_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     bindings = of_kind(docs, "RoleBinding")
@@ -101,8 +120,9 @@ def test_should_grant_namespaced_rules_only_in_watched_namespaces(render):
     assert all_grants(docs) == expected
 
 
-@pytest.mark.parametrize("values", [WITH_CREDENTIALS, {"operator": {"readJobSecrets": False}},
-                                    {"objectStore": {"credentials": {"accessKeyId": "a", "secretAccessKey": "b"}}}],
+@pytest.mark.parametrize("values", [{**WITH_CREDENTIALS, **READ_JOB_SECRETS}, {"operator": {"readJobSecrets": False}},
+                                    {"objectStore": {"credentials": {"accessKeyId": "a", "secretAccessKey": "b"}},
+                                     **READ_JOB_SECRETS}],
                          ids=["existing secret", "readJobSecrets false", "chart-made secret"])
 def test_should_not_touch_secrets_when_the_operator_has_its_own_credentials_or_may_not(render, values):
     docs = render(**values)
@@ -177,15 +197,26 @@ def test_should_set_only_environment_variables_the_operator_reads(render):
 
 
 def test_should_map_policy_values_to_the_operator_config(render):
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     docs = render(policy={"allowedBaseModelPrefixes": ["s3://models/", "hf://org/"], "maxGpusPerJob": 4,
-                          "maxRunningJobsPerNamespace": 2, "defaultQueue": "gpu"},
-                  trainer={"image": {"repository": "reg/trainer", "tag": "1.2"}, "allowedImages": ["reg/exp/"]},
-                  progressIntervalSeconds=15, operator={"logFormat": "plain"})
+                          "maxRunningJobsPerNamespace": 2, "defaultQueue": "gpu",
+                          "allowedDatasetPrefixes": ["s3://data/"], "allowedEndpoints": ["https://s3.b.example"],
+                          "allowedTolerations": [toleration], "allowedPriorityClasses": ["batch-low"],
+                          "allowedNodeSelectorKeys": ["gpu.product"]},
+                  trainer={"image": {"repository": "reg/trainer", "tag": "1.2"}, "allowedImages": ["reg/exp/"],
+                           "ephemeralStorage": "300Gi"},
+                  networkPolicy={"extraEgressPorts": [443]},
+                  progressIntervalSeconds=15, operator={"logFormat": "plain", "readJobSecrets": True})
     env = {e["name"]: e["value"] for e in container(docs)["env"] if "value" in e}
     parsed = config.OperatorConfig.from_env(env)
     assert parsed.policy == config.Policy(allowed_base_model_prefixes=("s3://models/", "hf://org/"),
                                           max_gpus_per_job=4, max_running_jobs_per_namespace=2,
-                                          allowed_images=("reg/trainer:1.2", "reg/exp/"))
+                                          allowed_images=("reg/trainer:1.2", "reg/exp/"),
+                                          allowed_dataset_prefixes=("s3://data/",),
+                                          allowed_endpoints=("https://s3.b.example",),
+                                          allowed_tolerations=(toleration,), allowed_priority_classes=("batch-low",),
+                                          allowed_node_selector_keys=("gpu.product",))
+    assert (parsed.default_ephemeral_storage, parsed.network_policy_egress_ports) == ("300Gi", (443,))
     assert (parsed.default_image, parsed.default_queue) == ("reg/trainer:1.2", "gpu")
     assert (parsed.progress_interval, parsed.log_format, parsed.read_job_secrets) == (15.0, "plain", True)
 
@@ -194,6 +225,7 @@ def test_should_accept_the_chart_defaults_in_the_operator_config(render):
     env = {e["name"]: e["value"] for e in container(render())["env"] if "value" in e}
     parsed = config.OperatorConfig.from_env(env)
     assert parsed.default_image.endswith(":0.1.0") and parsed.policy.allowed_images == (parsed.default_image,)
+    assert parsed.policy.allowed_tolerations == () and parsed.network_policy and not parsed.read_job_secrets
 
 
 def test_should_park_the_operator_with_zero_replicas(render):

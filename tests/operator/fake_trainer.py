@@ -3,6 +3,8 @@
 Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted config):
   fake-trainer/steps         optimizer steps (default 5), one every fake-trainer/step-seconds (0.2)
   fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
+  fake-trainer/poison        raw JSON text merged into every progress.json write (e.g. '"loss": NaN')
+  fake-trainer/sigterm-seconds  seconds to linger after SIGTERM before exiting (a slow final checkpoint)
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -65,15 +67,22 @@ def main():
     attempt = int(os.environ.get("LORA_ATTEMPT", "1"))
     store = Store(config["spec"]["output"]["uri"])
     previous = store.get_json("progress.json") or {}
-    state = {"state": "Preparing", "step": 0, "totalSteps": steps, "attempt": attempt, "loss": None,
+    state = {"jobUid": config["metadata"].get("uid"), "state": "Preparing", "step": 0, "totalSteps": steps,
+             "attempt": attempt, "loss": None,
              "lastCheckpoint": previous.get("lastCheckpoint"), "datasetHashes": {"s3://d/train.jsonl": "sha256:0"}}
     start = int((previous.get("lastCheckpoint") or "step-0").rsplit("step-", 1)[1].strip("/"))
 
+    poison = notes.get("fake-trainer/poison")
+
     def write(**fields):
         state.update(fields, updatedAt=now())
-        store.put("progress.json", json.dumps(state).encode())
+        text = json.dumps(state)
+        if poison:  # a hostile or broken trainer: text no strict JSON writer would produce
+            text = text[:-1] + ", " + poison + "}"
+        store.put("progress.json", text.encode())
 
     def on_sigterm(*_):
+        time.sleep(float(notes.get("fake-trainer/sigterm-seconds", "0")))
         write(state="Preempted")
         terminate({"state": "Preempted", "step": state["step"]}, 143)
 

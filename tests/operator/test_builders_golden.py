@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_operator.builders import JobParams, build_configmap, build_job, build_service
+from lora_operator.builders import JobParams, build_configmap, build_job, build_network_policy, build_service
 
 GOLDEN = Path(__file__).parent / "golden"
 IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
@@ -38,7 +38,7 @@ def _render(owner, spec) -> str:
     configmap["data"] = {k: yaml.safe_load(v) for k, v in configmap["data"].items()}
     docs = [configmap, build_job(owner, spec, params)]
     if spec.resources.nodes > 1:
-        docs.append(build_service(owner))
+        docs += [build_service(owner), build_network_policy(owner, (8333,))]
     return yaml.safe_dump_all(docs, sort_keys=True)
 
 
@@ -58,7 +58,8 @@ def _job(owner, spec, **params):
 def test_should_request_and_limit_gpus_only_when_gpus_above_zero(owner, make_spec):
     gpu = _job(owner, make_spec(**{"resources.gpus": 2}))["spec"]["template"]["spec"]["containers"][0]
     cpu = _job(owner, make_spec(**{"resources.gpus": 0}))["spec"]["template"]["spec"]["containers"][0]
-    assert gpu["resources"] == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
+    assert gpu["resources"] == {"requests": {"nvidia.com/gpu": "2", "ephemeral-storage": "100Gi"},
+                                "limits": {"nvidia.com/gpu": "2"}}
     assert "nvidia.com/gpu" not in str(cpu["resources"])
 
 
@@ -116,3 +117,22 @@ def test_should_lock_down_the_pod(owner, make_spec):
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     secret_env = [e for e in container["env"] if "valueFrom" in e]
     assert {e["name"] for e in secret_env} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_should_size_the_work_volume_and_request_disk_from_the_spec_or_the_default(owner, make_spec):
+    pod = _job(owner, make_spec(**{"resources.ephemeralStorage": "300Gi"}))["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "300Gi"} and volumes["tmp"]["emptyDir"]["sizeLimit"]
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "300Gi"
+    default = _job(owner, make_spec(), ephemeral_storage="40Gi")["spec"]["template"]["spec"]
+    assert default["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+
+
+def test_should_fence_a_jobs_pods_to_each_other_dns_and_the_store(owner):
+    policy = build_network_policy(owner, (443, 8333))["spec"]
+    same_job = {"matchLabels": {"app.kubernetes.io/managed-by": "lora-operator", "training.lora.dev/job": "demo"}}
+    assert policy["podSelector"] == same_job and policy["ingress"] == [{"from": [{"podSelector": same_job}]}]
+    assert {"to": [{"podSelector": same_job}]} in policy["egress"]
+    ports = [p for rule in policy["egress"] for p in rule.get("ports", [])]
+    assert {(p["protocol"], p["port"]) for p in ports} == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 8333)}
+    assert all("to" not in r or r["to"] == [{"podSelector": same_job}] for r in policy["egress"])

@@ -85,11 +85,11 @@ def test_should_create_the_children_once_and_not_patch_an_unchanged_status(world
     kube, _, make = world
     reconciler = make()
     reconciler.reconcile("ns", "demo")
-    assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1")]
+    assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1"), ("NetworkPolicy", "demo-network")]
     patches = len(kube.status_patches)
     make().reconcile("ns", "demo")  # a restarted operator
     reconciler.reconcile("ns", "demo")
-    assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1")]
+    assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1"), ("NetworkPolicy", "demo-network")]
     assert len(kube.status_patches) == patches, "nothing changed, so nothing should be patched"
     assert kube.ltj["status"]["phase"] == "Pending"
 

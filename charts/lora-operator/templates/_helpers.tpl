@@ -82,9 +82,10 @@ lora_operator.config.RBAC_RULES (tests/chart/test_chart.py keeps the two equal):
 - batch Jobs: created (Kueue-suspendable), watched, patched (spec.suspend); deleted only by the
   garbage collector through owner references, so no delete;
 - ConfigMaps and Services (job config, headless Service of multi-node jobs): get and create;
+- NetworkPolicies (one per job, with networkPolicy.enabled): get and create;
 - Pods and ResourceQuotas: list only (failure reasons; GPU quota check); never create;
 - Events: create (the operator's and kopf's, core v1);
-- Secrets: `get` by name only, and only with "lora-operator.readJobSecrets".
+- Secrets: `get` by name only, and only with "lora-operator.readJobSecrets" (off by default).
 Kueue is detected through API discovery, which every authenticated user may read.
 */}}
 {{- define "lora-operator.namespacedRules" -}}
@@ -103,6 +104,11 @@ Kueue is detected through API discovery, which every authenticated user may read
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create"]
+{{- if .Values.networkPolicy.enabled }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
+{{- end }}
 - apiGroups: [""]
   resources: ["pods", "resourcequotas"]
   verbs: ["list"]

@@ -269,7 +269,8 @@ class StorageSpec(ApiModel):
         default=None,
         max_length=512,
         pattern=r"^https?://[^\s/]+(/.*)?$",
-        description="S3 endpoint URL (http:// or https://). Default: the operator's configured endpoint.",
+        description="S3 endpoint URL (http:// or https://). Default: the operator's configured endpoint. "
+        "Another endpoint must be on the platform's allowlist.",
     )
     secret_name: Optional[str] = Field(
         default=None,
@@ -310,14 +311,25 @@ class ResourcesSpec(ApiModel):
     memory: Optional[str] = Field(
         default=None, pattern=QUANTITY_PATTERN, max_length=32, description="Memory request, e.g. \"64Gi\"."
     )
+    ephemeral_storage: Optional[str] = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        max_length=32,
+        description="Local disk per pod for the base model, data and checkpoints, e.g. \"200Gi\": the "
+        "pod's ephemeral-storage request and the work volume's sizeLimit (the pod is evicted beyond it). "
+        "Default: the operator's LORA_DEFAULT_EPHEMERAL_STORAGE.",
+    )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, max_length=32, description="Node labels the pods must match."
+        default_factory=dict, max_length=32,
+        description="Node labels the pods must match; only keys the platform's policy allows."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
+        default_factory=list, max_length=32,
+        description="Tolerations for tainted GPU nodes; only those the platform's policy allows."
     )
     priority_class_name: Optional[str] = Field(
-        default=None, max_length=253, description="PriorityClass of the pods."
+        default=None, max_length=253,
+        description="PriorityClass of the pods; only one the platform's policy allows."
     )
 
     rules = (

@@ -13,6 +13,7 @@ from .names import (
     selector_labels,
     service_name,
 )
+from .networkpolicy import build_network_policy, network_policy_name
 from .owner import Owner
 from .service import build_service
 
@@ -25,10 +26,12 @@ __all__ = [
     "Owner",
     "build_configmap",
     "build_job",
+    "build_network_policy",
     "build_service",
     "configmap_name",
     "job_name",
     "labels",
+    "network_policy_name",
     "selector_labels",
     "service_name",
     "trainer_manifest",

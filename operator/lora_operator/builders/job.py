@@ -23,6 +23,8 @@ from .service import MAIN_PORT
 TERMINATION_LOG = "/dev/termination-log"
 WORK_DIR = "/var/lib/lora"
 UID = 1000
+TMP_SIZE = "1Gi"  # /tmp holds only small scratch files; the work volume holds models and data
+DEFAULT_EPHEMERAL_STORAGE = "100Gi"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class JobParams:
     endpoint: str | None = None
     queue_name: str | None = None
     termination_grace_seconds: int = 120
+    ephemeral_storage: str = DEFAULT_EPHEMERAL_STORAGE  # when spec.resources.ephemeralStorage is empty
 
 
 def build_job(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> dict[str, Any]:
@@ -44,6 +47,8 @@ def build_job(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> dic
         meta_labels[QUEUE_LABEL] = params.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries itself, so every attempt is recorded
+        # A pod is replaced (and the Job fails) only once the old one has stopped writing.
+        "podReplacementPolicy": "Failed",
         "suspend": bool(params.queue_name) or spec.suspend,
         "template": {
             "metadata": {"labels": {k: v for k, v in meta_labels.items() if k != QUEUE_LABEL}},
@@ -83,7 +88,7 @@ def _pod_spec(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams, name: 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(owner, spec, params, name)],
-        "volumes": _volumes(owner, spec),
+        "volumes": _volumes(owner, spec, params),
     }
     if res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
@@ -103,7 +108,7 @@ def _container(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams, name:
         "imagePullPolicy": "IfNotPresent",
         "command": _command(owner, spec, params, name),
         "env": _env(spec, params),
-        "resources": _resources(spec),
+        "resources": _resources(spec, params),
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -156,9 +161,16 @@ def _env(spec: LoRATrainingJobSpec, params: JobParams) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(spec: LoRATrainingJobSpec) -> dict[str, Any]:
+def work_size(spec: LoRATrainingJobSpec, params: JobParams) -> str:
+    """Local disk for base model, data and checkpoints: the spec's, else the operator's default."""
+    return spec.resources.ephemeral_storage or params.ephemeral_storage
+
+
+def _resources(spec: LoRATrainingJobSpec, params: JobParams) -> dict[str, Any]:
     res = spec.resources
-    requests: dict[str, str] = {}
+    # The scheduler places the pod where the work volume fits; its sizeLimit evicts the pod
+    # (not the node) when a run writes more than it asked for.
+    requests: dict[str, str] = {"ephemeral-storage": work_size(spec, params)}
     limits: dict[str, str] = {}
     if res.cpu:
         requests["cpu"] = res.cpu
@@ -180,12 +192,12 @@ def _mounts(spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
     return mounts
 
 
-def _volumes(owner: Owner, spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
+def _volumes(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": configmap_name(owner.name),
                                          "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+        {"name": "work", "emptyDir": {"sizeLimit": work_size(spec, params)}},
     ]
     if _needs_shm(spec):
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

@@ -27,6 +27,7 @@ from ..builders import (
     Owner,
     build_configmap,
     build_job,
+    build_network_policy,
     build_service,
     selector_labels,
 )
@@ -46,6 +47,7 @@ from ..status import (
     check_running_limit,
     conditions,
     derive_status,
+    egress_ports,
     is_own_endpoint,
     is_terminal,
     job_endpoint,
@@ -215,11 +217,14 @@ class Reconciler:
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
         self._create(owner, build_configmap(owner, spec, image=image, endpoint=endpoint))
+        if self.config.network_policy:  # before the Job: its pods never run unfenced
+            self._create(owner, build_network_policy(owner, egress_ports(spec, self.config)))
         if spec.resources.nodes > 1:
             self._create(owner, build_service(owner))
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
                            endpoint=endpoint, queue_name=queue,
-                           termination_grace_seconds=self.config.termination_grace_seconds)
+                           termination_grace_seconds=self.config.termination_grace_seconds,
+                           ephemeral_storage=self.config.default_ephemeral_storage)
         job = self._create(owner, build_job(owner, spec, params))
         log.info("attempt %d of %s/%s: Job %s", attempt, owner.namespace, owner.name, job["metadata"]["name"])
         self.kube.emit_event(body, "Normal", "AttemptStarted", f"Job {job['metadata']['name']} (attempt {attempt})")

@@ -12,6 +12,7 @@ from .policy import (
     check_policy,
     check_quota,
     check_running_limit,
+    egress_ports,
     is_own_endpoint,
     job_endpoint,
     resolve_image,
@@ -20,7 +21,7 @@ from .policy import (
 from .progress import accept_report
 
 __all__ = [
-    "OWNED_FIELDS", "accept_report", "allowed_endpoints", "is_own_endpoint", "job_endpoint", "live_pods",
+    "OWNED_FIELDS", "accept_report", "allowed_endpoints", "is_own_endpoint", "job_endpoint", "live_pods", "egress_ports",
     "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
     "check_policy", "check_quota", "check_running_limit", "conditions", "derive_status", "is_terminal",
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",

@@ -54,6 +54,18 @@ def job_endpoint(spec: LoRATrainingJobSpec, config: OperatorConfig) -> str | Non
     return spec.storage.endpoint or config.s3_endpoint
 
 
+def egress_ports(spec: LoRATrainingJobSpec, config: OperatorConfig) -> tuple[int, ...]:
+    """TCP ports a job's pods need besides DNS: its object store, the Hub for hf:// URIs, extras."""
+    ports = set(config.network_policy_egress_ports)
+    endpoint = urlparse(job_endpoint(spec, config) or "")
+    if endpoint.scheme in ("http", "https"):
+        ports.add(endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    uris = (spec.base_model.uri, spec.dataset.train, spec.dataset.eval)
+    if any(u and u.startswith("hf://") for u in uris):
+        ports.add(443)
+    return tuple(sorted(ports))
+
+
 def _location(uri: str, endpoint: str | None) -> str:
     """Where a URI really points: an s3:// URI only means something together with its endpoint."""
     if uri.startswith("s3://") and endpoint:
