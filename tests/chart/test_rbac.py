@@ -90,29 +90,40 @@ def test_should_let_the_cluster_wide_operator_do_its_work_and_nothing_more(clust
         ("update", LTJ, anywhere, "finalizers"),
         ("create", "events", anywhere, ""), ("list", "pods", anywhere, ""),
         ("list", "resourcequotas", anywhere, ""), ("create", "configmaps", anywhere, ""),
-        ("get", "secrets", anywhere, ""),
+        ("create", "networkpolicies.networking.k8s.io", anywhere, ""),
         ("watch", "namespaces", None, ""), ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, ""),
     ]
     denied = [
         ("create", "pods", anywhere, ""), ("delete", "jobs.batch", anywhere, ""),
         ("delete", LTJ, anywhere, ""), ("update", LTJ, anywhere, "status"),
+        ("get", "secrets", anywhere, ""), ("get", "secrets", "kube-system", ""), ("get", "secrets", namespace, ""),
+        ("delete", "networkpolicies.networking.k8s.io", anywhere, ""),
         ("list", "secrets", anywhere, ""),
         *[(verb, resource, None, "") for verb, resource in ALWAYS_DENIED],
     ]
     _expect(release, allowed, denied)
 
 
+def test_should_read_job_secrets_cluster_wide_only_when_the_platform_opts_in(cluster, helm, namespace,
+                                                                            extra_namespaces, install):
+    release = install(namespace, operator={"replicas": 0, "readJobSecrets": True})
+    _expect(release, [("get", "secrets", extra_namespaces[1], "")],
+            [("list", "secrets", extra_namespaces[1], ""), ("watch", "secrets", None, "")])
+
+
 def test_should_confine_the_namespaced_operator_to_its_watched_namespaces(cluster, helm, namespace,
                                                                           extra_namespaces, install):
     watched, other = extra_namespaces
-    release = install(namespace, watchNamespaces=[watched])
+    release = install(namespace, watchNamespaces=[watched], operator={"replicas": 0, "readJobSecrets": True})
     allowed = [
         ("create", "jobs.batch", watched, ""), ("patch", LTJ, watched, "status"),
         ("create", "events", watched, ""), ("list", "pods", watched, ""), ("list", "resourcequotas", watched, ""),
         ("get", "secrets", watched, ""), ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, ""),
+        ("create", "networkpolicies.networking.k8s.io", watched, ""),
     ]
     denied = [
         ("create", "jobs.batch", other, ""), ("get", "secrets", other, ""), ("list", "pods", other, ""),
+        ("get", "secrets", "kube-system", ""), ("create", "networkpolicies.networking.k8s.io", other, ""),
         ("create", "jobs.batch", namespace, ""), ("get", "secrets", namespace, ""),
         ("watch", "jobs.batch", None, ""), ("list", "namespaces", None, ""), ("create", "pods", watched, ""),
         ("list", "secrets", watched, ""),
