@@ -178,7 +178,7 @@ def build_crd() -> dict[str, Any]:
                     "description": "A LoRA/QLoRA fine-tuning run: train, evaluate, gate, publish.",
                     "required": ["spec"],
                     "x-kubernetes-validations": [
-                        {"rule": r.NAME_RULE_CEL, "message": r.NAME_RULE_MESSAGE, "fieldPath": ".metadata.name"},
+                        {"rule": r.NAME_RULE_CEL, "message": r.NAME_RULE_MESSAGE},  # no fieldPath: metadata is not in the schema
                     ],
                     "properties": {
                         "apiVersion": {"type": "string"},

@@ -50,6 +50,7 @@ class KubeClient:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.timeout = timeout
         self._groups: tuple[float, frozenset[str]] = (0.0, frozenset())
 
@@ -97,6 +98,8 @@ class KubeClient:
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "NetworkPolicy": (self.networking.create_namespaced_network_policy,
+                              self.networking.read_namespaced_network_policy),
         }[kind]
         try:
             return self._call(create, ns, dict(manifest))

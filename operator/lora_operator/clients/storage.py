@@ -1,7 +1,9 @@
 """Reads the trainer's progress.json from S3-compatible storage (minio client). Read-only.
 
-Credentials: the operator's own (LORA_S3_ACCESS_KEY_ID/LORA_S3_SECRET_ACCESS_KEY) when configured,
-else the job's spec.storage.secretName Secret. They stay in memory, never in status, events or logs.
+Credentials: chosen by the reconciler (the operator's own only for its own endpoint, else the job's
+spec.storage.secretName Secret). They stay in memory, never in status, events or logs. Any answer
+of the endpoint (a tenant's choice, within the policy's allowlist) is treated as untrusted: every
+failure means "no progress this pass", never an exception out of the reconcile pass.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
+
+from ..api import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
-PROGRESS_FILE = "progress.json"
+MAX_PROGRESS_BYTES = 1 << 20  # a report is a few KiB; never read an unbounded body into memory
 
 
 def split_s3_uri(uri: str) -> tuple[str, str] | None:
@@ -54,7 +58,7 @@ class ProgressStore:
         try:
             response = self._client(endpoint, access_key, secret_key).get_object(bucket, key)
             try:
-                data = json.loads(response.read())
+                data = json.loads(response.read(MAX_PROGRESS_BYTES))  # cut short: invalid JSON
             finally:
                 response.close()
                 response.release_conn()
@@ -62,7 +66,7 @@ class ProgressStore:
             if exc.code not in ("NoSuchKey", "NoSuchBucket"):
                 log.warning("cannot read s3://%s/%s: %s", bucket, key, exc.code)
             return None
-        except (ValueError, urllib3.exceptions.HTTPError) as exc:
+        except (MinioException, ValueError, OSError, urllib3.exceptions.HTTPError) as exc:
             log.warning("cannot read s3://%s/%s: %s", bucket, key, type(exc).__name__)
             return None
         return data if isinstance(data, dict) else None
