@@ -205,3 +205,11 @@ def test_should_read_the_config_from_env_and_refuse_bad_values():
         OperatorConfig.from_env({"LORA_ALLOWED_TOLERATIONS": '{"key": "gpu"}'})
     with pytest.raises(ValueError, match="LORA_MAX_GPUS_PER_JOB"):
         OperatorConfig.from_env({"LORA_MAX_GPUS_PER_JOB": "many"})
+
+
+def test_should_open_only_the_object_store_port_and_443_for_hub_models(make_spec):
+    from lora_operator.status import egress_ports
+
+    assert egress_ports(make_spec(), config()) == (8333,)
+    hub = make_spec(**{"baseModel.uri": "hf://org/model", "storage.endpoint": "https://s3.other.example"})
+    assert egress_ports(hub, OperatorConfig(s3_endpoint=PLATFORM_S3, network_policy_egress_ports=(8080,))) == (443, 8080)

@@ -25,6 +25,7 @@ WORK_DIR = "/var/lib/lora"
 UID = 1000
 TMP_SIZE = "1Gi"  # /tmp holds only small scratch files; the work volume holds models and data
 DEFAULT_EPHEMERAL_STORAGE = "100Gi"
+SHM_SIZE = "8Gi"  # /dev/shm for NCCL when the spec sets no memory request
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _volumes(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> list
         {"name": "work", "emptyDir": {"sizeLimit": work_size(spec, params)}},
     ]
     if _needs_shm(spec):
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        # tmpfs counts against the pod's memory; bounded so a runaway writer cannot take the node's
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.memory or SHM_SIZE}})
     return volumes
 
 
