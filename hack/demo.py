@@ -112,7 +112,7 @@ def upload(s3: dict[str, str], data: Path, base: Path) -> str:
     step("Upload to S3 (SeaweedFS)")
     from minio import Minio
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     endpoint = s3["S3_ENDPOINT"].split("://", 1)[1]
     client = Minio(endpoint, s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"], secure=False)

@@ -142,7 +142,3 @@ def make_chat_jsonl(path, n: int = 32, seed: int = 0) -> Path:
     """Write ``n`` chat examples (system/user/assistant) as JSONL."""
     return _write_jsonl(path, chat_examples(n, seed))
 
-
-def make_completion_jsonl(path, n: int = 32, seed: int = 0) -> Path:
-    """Write ``n`` prompt/completion examples as JSONL."""
-    return _write_jsonl(path, completion_examples(n, seed))

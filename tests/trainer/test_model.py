@@ -8,10 +8,11 @@ import pytest
 import tiny
 import torch
 
-from lora_trainer import model as m
-from lora_trainer.data import encode_all
-from lora_trainer.packing import collate_packed, make_rows
-from lora_trainer.storage import fingerprint_dir
+from lora_trainer.data.packing import collate_packed, make_rows
+from lora_trainer.data.records import encode_all
+from lora_trainer.io.storage import fingerprint_dir
+from lora_trainer.model import loading as m
+from lora_trainer.model.lora import add_lora, param_counts
 
 
 def test_unpinned_base_is_refused(tiny_base, tmp_path):
@@ -64,8 +65,8 @@ def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_state.nested  # double quant
-    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
-    trainable, total = m.param_counts(model)
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    trainable, total = param_counts(model)
     assert 0 < trainable < total
     assert isinstance(model.base_model.model.model.layers[1].mlp.down_proj.base_layer,
                       bnb.nn.Linear4bit)
@@ -77,10 +78,11 @@ def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
 @pytest.mark.slow
 def test_fp32_lora_trains_only_the_adapter(tiny_base, tiny_tokenizer):
     base = m.load_base(tiny_base, "none", True, "float32", torch.device("cpu"))
-    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     frozen = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
     losses = _train_steps(model, tiny_tokenizer)
     assert losses[-1] < losses[0] - 0.05, losses
     assert torch.equal(frozen, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+
