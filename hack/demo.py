@@ -96,7 +96,8 @@ def prepare_inputs() -> tuple[Path, Path]:
     step("Harbor Support data and the tiny generic base model")
     data = DEMO / "data"
     run(PY, str(EXAMPLE / "make_data.py"), "--out", str(data))
-    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py")
+    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py",
+                       ROOT / "trainer" / "lora_trainer" / "model" / "tiny_tokenizer.py")
     base = CACHE / "demo" / f"harbor-base-{key}"
     if not (base / "config.json").exists():
         print("training the base model on generic replies (cached afterwards)")

@@ -86,3 +86,18 @@ def test_fp32_lora_trains_only_the_adapter(tiny_base, tiny_tokenizer):
     assert losses[-1] < losses[0] - 0.05, losses
     assert torch.equal(frozen, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
 
+
+def test_tiny_tokenizer_ends_turns_with_eos_only_when_asked():
+    from lora_trainer.model.tiny_tokenizer import IM_END, build_chatml_tokenizer
+
+    texts = tiny.default_corpus(n=20)
+    tests_tok = build_chatml_tokenizer(texts, 300)
+    demo_tok = build_chatml_tokenizer(texts, 300, eos_token=IM_END, model_max_length=512)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for tok in (tests_tok, demo_tok):
+        assert tok.apply_chat_template(chat, tokenize=False) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+    assert tests_tok.eos_token == "<|eos|>" and tests_tok.convert_tokens_to_ids(IM_END) != tests_tok.eos_token_id
+    assert demo_tok.eos_token_id == demo_tok.convert_tokens_to_ids(IM_END) and demo_tok.model_max_length == 512
+    with pytest.raises(ValueError, match="eos_token"):
+        build_chatml_tokenizer(texts, 300, eos_token="</s>")
