@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .evaluation.gate import apply_gate
-from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss
+from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss, pad_token_id
 from .io import storage
 from .io.metadata import FILENAME as METADATA
 from .io.metadata import build_metadata
@@ -269,7 +269,7 @@ def _merge_and_verify(spec, base_dir, adapter_dir, local, report, tokenizer, eva
     # Merge what ships (adapter/ as written), verify against what was evaluated (the checkpoint).
     merge_adapter(base_dir, local / "adapter", local / "merged", tokenizer, dtype=dtype, device=device)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     report.merged = verify_merge(spec, base_dir, adapter_dir, local / "merged", examples, report, pad_id,
                                  dtype=dtype, device=device)
     if not report.merged["gate"]["passed"]:

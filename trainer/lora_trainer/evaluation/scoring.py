@@ -166,7 +166,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     Prompts are tokenized without extra special tokens: the chat template already wrote them.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stops = generation.stop_token_ids(tokenizer)
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -201,7 +201,8 @@ def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch
     return model.eval()
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: pad, else eos, else 0 (model.loading.load_tokenizer sets pad)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
@@ -243,7 +244,7 @@ def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dic
     torch.manual_seed(spec.training.seed)
     model = model if model is not None else load_adapted(spec, base_dir, adapter_dir)
     model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
     base, adapter = _base_and_adapter_loss(model, examples, pad_id)
     log.info("held-out loss: base %.4f, adapter %.4f (%d tokens)", base.loss, adapter.loss, adapter.tokens)
