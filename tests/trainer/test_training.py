@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_operator.api import EXIT_PREEMPTED
 from lora_trainer.__main__ import run_job
-from lora_trainer.config import PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from lora_trainer.config import RuntimeConfig, load_job
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_chat_losses.json"
 # 48 examples -> 43 train rows of up to 4 x maxSeqLength tokens, batch 1: a dozen steps/epoch.
@@ -113,7 +114,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted(make_job, tmp_path):
     _wait_for(lambda: progress_file.exists() and _progress(store)["step"] >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     progress = _progress(store)
     assert progress["state"] == "Preempted"
     assert progress["lastCheckpoint"] == f"s3://out/job/checkpoints/step-{progress['step']}"

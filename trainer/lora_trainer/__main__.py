@@ -2,9 +2,9 @@
 
 This module only parses arguments and maps exceptions to exit codes; the run order is `run.py`.
 
-Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
-(spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
-checkpoint (the next attempt resumes).
+Exit codes (lora_operator.api.progress, shared with the operator): 0 done (Succeeded, or Rejected by
+the gate); 1 unexpected failure; 2 invalid input (spec, data, unpinned or mismatching base; retrying
+cannot help); 143 preempted by SIGTERM after a checkpoint (the next attempt resumes).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 import sys
 from collections.abc import Set as AbstractSet
 
-from lora_operator.api import SpecError
+from lora_operator.api import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_PREEMPTED, SpecError
 
-from .config import DATA_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from .config import RuntimeConfig, load_job
 from .io.storage import fingerprint_uri
 from .recipe import Preempted
 from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, run, run_after_training
@@ -90,12 +90,12 @@ def after_training(command: str, job, rt: RuntimeConfig) -> int:
 def exit_code(exc: Exception) -> int:
     """Log `exc` and map it to the exit code (module docstring)."""
     if isinstance(exc, Preempted):
-        log.warning("%s; exiting with %d so the next attempt resumes", exc, PREEMPTED_EXIT_CODE)
-        return PREEMPTED_EXIT_CODE
+        log.warning("%s; exiting with %d so the next attempt resumes", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     if not isinstance(exc, KNOWN_FAILURES):
         log.error("trainer failed", exc_info=exc)
     log.error("%s", error_message(exc))
-    return DATA_ERROR_EXIT_CODE if isinstance(exc, INVALID_INPUT) else 1
+    return EXIT_INVALID_INPUT if isinstance(exc, INVALID_INPUT) else EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.config)
     except SpecError as exc:
         print(f"lora-trainer: invalid config {args.config}: {exc}", file=sys.stderr)
-        return DATA_ERROR_EXIT_CODE
+        return EXIT_INVALID_INPUT
     if args.command in ("evaluate", "export"):
         return after_training(args.command, job, rt)
     return run_job({"run": RUN, "train": TRAIN}[args.command], job, rt)

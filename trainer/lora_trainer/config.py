@@ -14,9 +14,6 @@ import yaml
 
 from lora_operator.api import KIND, LoRATrainingJobSpec, SpecError, parse_manifest, parse_spec
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped, not done; resume me"
-DATA_ERROR_EXIT_CODE = 2
-
 
 @dataclass(frozen=True)
 class Job:
@@ -25,6 +22,7 @@ class Job:
     spec: LoRATrainingJobSpec
     name: str = "local"
     namespace: str = "default"
+    uid: Optional[str] = None  # metadata.uid: progress.json names the job it belongs to
 
 
 def load_job(path: Path | str) -> Job:
@@ -37,7 +35,8 @@ def load_job(path: Path | str) -> Job:
         raise SpecError("config", f"{path} is not a YAML mapping")
     if obj.get("kind") == KIND:
         meta = obj.get("metadata") or {}
-        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"))
+        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"),
+                   meta.get("uid"))
     return Job(parse_spec(obj))
 
 

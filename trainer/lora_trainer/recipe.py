@@ -76,7 +76,7 @@ class LoRARecipe:
         self.out_store, self.out_key = storage.open_uri(self.spec.output.uri, **skw)
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
-                                       self.rt.progress_interval_s, self.rt.attempt)
+                                       self.rt.progress_interval_s, self.rt.attempt, job_uid=self.job.uid)
         self.progress.update(state="Preparing", force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():

@@ -1,9 +1,14 @@
 """progress.json: how the trainer reports to the operator (which mirrors it into status).
 
+The schema, the states and the exit codes are `lora_operator.api.progress` (the one definition both
+sides use); this module writes it: through `ProgressReport`, as strict JSON (a NaN or infinite
+value is written as null, never as `NaN`).
+
 Written to `<output.uri>/progress.json` by rank 0 only: on every state change, and otherwise at
 most once per LORA_PROGRESS_INTERVAL_S (default 10 s). The write replaces the whole object.
 
 Schema (camelCase; every key is always present, unknown values are null):
+  jobUid            metadata.uid of the LoRATrainingJob (the operator ignores a report of another uid)
   state             Preparing | Training | Evaluating | Exporting | Succeeded | Failed |
                     Rejected | Preempted. Preempted = stopped by SIGTERM after a checkpoint;
                     the next attempt resumes. Rejected = the evaluation gate refused the adapter.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -51,14 +57,37 @@ from typing import Optional
 
 import torch
 
+from lora_operator.api import TRAINER_STATES, ProgressReport, read_report
+
 log = logging.getLogger(__name__)
 
-STATES = ("Preparing", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Rejected",
-          "Preempted")
-FIELDS = ("state", "step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate",
-          "tokensPerSecond", "peakMemoryBytes", "mfu", "etaSeconds", "lastCheckpoint",
-          "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "trainableParams",
-          "trainableFraction", "attempt", "updatedAt", "error", "eval", "artifacts")
+STATES = TRAINER_STATES
+FIELDS = tuple(f.alias or name for name, f in ProgressReport.model_fields.items())
+MAX_ERROR = 4000  # the contract keeps errors short; the log has them whole
+
+
+def _finite(value):
+    """NaN and infinities become None (JSON has no such numbers), inside lists and dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def report_json(data: dict) -> bytes:
+    """The report as strict JSON with every key; a field the contract refuses is logged and
+    written as null rather than handed to the operator."""
+    data = _finite(data)
+    if isinstance(data.get("error"), str):
+        data["error"] = data["error"][:MAX_ERROR]
+    report, problems = read_report(data)
+    for problem in problems:
+        log.warning("progress.json: %s", problem)
+    body = report.model_dump(by_alias=True, mode="json")
+    return json.dumps(body, sort_keys=True, allow_nan=False).encode()
 
 
 def now_rfc3339() -> str:
@@ -72,11 +101,11 @@ class ProgressWriter:
     """
 
     def __init__(self, store, key: str, interval_s: float = 10.0, attempt: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, job_uid: Optional[str] = None):
         self.store, self.key, self.interval_s, self.clock = store, key, interval_s, clock
         self.data: dict = {name: None for name in FIELDS}
         self.data.update(state="Preparing", step=0, totalSteps=0, datasetHashes={},
-                         skippedLines=0, attempt=attempt)
+                         skippedLines=0, attempt=attempt, jobUid=job_uid)
         self._last_write: Optional[float] = None
         self.writes = 0
 
@@ -100,7 +129,7 @@ class ProgressWriter:
         self._last_write = self.clock()
         if self.store is None:
             return
-        body = json.dumps(self.data, sort_keys=True).encode()
+        body = report_json(self.data)
         try:
             self.store.put_bytes(self.key, body)
             self.writes += 1
@@ -116,7 +145,7 @@ def write_termination_message(path: Path, data: dict) -> None:
     if summary.get("error"):
         summary["error"] = str(summary["error"])[:2000]
     try:
-        Path(path).write_text(json.dumps(summary, sort_keys=True) + "\n")
+        Path(path).write_text(json.dumps(_finite(summary), sort_keys=True, allow_nan=False) + "\n")
     except OSError:
         pass
 
