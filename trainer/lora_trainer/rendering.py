@@ -137,3 +137,32 @@ def token_labels(tokenizer, rendered: Rendered, ignore: int = -100) -> tuple[lis
     if labels:
         labels[0] = ignore
     return ids, labels
+
+
+# Reasoning blocks that chat templates render around a model's thinking, (open, close).
+REASONING_TAGS = (("<think>", "</think>"),)
+
+
+def reasoning_tags(tokenizer) -> tuple[str, str] | None:
+    """The template's own reasoning block markers, when its chat template renders one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    return next(((o, c) for o, c in REASONING_TAGS if o in template and c in template), None)
+
+
+def strip_reasoning(reply: str, tags: tuple[str, str] | None) -> str:
+    """The answer a user reads: `reply` without a leading reasoning block.
+
+    A reply that opens with the block loses everything up to the end of the block; a reply with a
+    close marker but no open marker (the prompt opened the block) loses everything up to it; an
+    unclosed block (generation stopped while thinking) leaves no answer at all.
+    """
+    if tags is None:
+        return reply
+    open_, close = tags
+    text = reply.lstrip()
+    if text.startswith(open_) or (close in text and open_ not in text.split(close, 1)[0]):
+        head, sep, tail = text.partition(close)
+        return tail.lstrip() if sep else ""
+    return reply
