@@ -4,9 +4,10 @@ A row of T tokens with a vocabulary of V gives T x V logits; with Llama-3's 128k
 8k-token row is 4 GB of fp32 logits, plus their gradient. Only the trained tokens need logits, so
 the model runs with `logits_to_keep` set to no position (its head computes nothing), the decoder's
 final hidden states are captured by a forward hook, and the head is applied to the hidden states
-of the trained positions only, CE_CHUNK tokens at a time. Each chunk is checkpointed: its logits
-are freed after the forward and recomputed in the backward, so at most one chunk of logits
-(CE_CHUNK x V fp32, 512 MB at 128k) is alive at any time.
+of the trained positions only, a chunk of tokens at a time (CHUNK_ELEMENTS logits: 512 tokens at
+a 128k vocabulary, 2048 at 32k). Each chunk is checkpointed: its logits are freed after the
+forward and recomputed in the backward, so one chunk of logits (256 MB in fp32, plus its
+log-softmax and gradient) is alive at any time.
 
 The forward still goes through the (possibly DDP-wrapped) model, so gradient synchronisation is
 unchanged. Gemma's final logit soft-capping is applied as the model would. Architectures whose
@@ -20,7 +21,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
-CE_CHUNK = 1024  # trained tokens per head application
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB of fp32)
+MIN_CHUNK = 128
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per head application for a vocabulary of `vocab`."""
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(1, vocab))
+
 _UNSUPPORTED_HEAD_CONFIG = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -45,7 +53,7 @@ def _head_ce(head, softcap, hidden: torch.Tensor, target: torch.Tensor) -> torch
 
 
 def chunked_ce(head, hidden: torch.Tensor, targets: torch.Tensor, softcap=None,
-               chunk: int = CE_CHUNK) -> torch.Tensor:
+               chunk: int = 1024) -> torch.Tensor:
     """Sum of CE(head(hidden[i]), targets[i]) over rows of `hidden` (n x H), chunk by chunk."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for at in range(0, hidden.shape[0], chunk):
@@ -64,7 +72,7 @@ def full_ce(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
-def sum_ce(model, inputs: dict, labels: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
+def sum_ce(model, inputs: dict, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Summed CE of the labelled next tokens of a batch, without materialising all logits."""
     if not chunked_supported(model):
         return full_ce(model, inputs, labels)
@@ -84,4 +92,6 @@ def sum_ce(model, inputs: dict, labels: torch.Tensor, chunk: int = CE_CHUNK) -> 
     target = labels[:, 1:]
     keep = target != IGNORE
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return chunked_ce(lm.get_output_embeddings(), hidden[keep], target[keep], softcap, chunk)
+    head = lm.get_output_embeddings()
+    chunk = chunk or chunk_tokens(head.weight.shape[0])
+    return chunked_ce(head, hidden[keep], target[keep], softcap, chunk)
