@@ -75,7 +75,9 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
             "rank": adapter_config.get("r"),
             "alpha": adapter_config.get("lora_alpha"),
             "scale": adapter_config["lora_alpha"] / adapter_config["r"],
-            "targetModules": sorted(targets) if isinstance(targets, (list, set)) else targets,
+            # PEFT may expand all-linear into dotted paths per layer; the kinds of layer are what matter.
+            "targetModules": (sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, (list, set))
+                              else targets),
             "dropout": adapter_config.get("lora_dropout"),
         },
         "quantization": spec.quantization,
