@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (chat templates are kept line for line as published)
 """The model-family matrix: tiny random-weight bases of real architectures with their real chat
 templates and special tokens.
 

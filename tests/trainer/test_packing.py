@@ -45,10 +45,11 @@ def test_best_fit_decreasing_fills_rows_and_keeps_every_example():
 
 def test_padding_fraction_is_small_on_chat_data(tiny_tokenizer):
     exs = encode_all(tiny_tokenizer, tiny.chat_examples(200, seed=2), "chat", False)
-    from lora_trainer.data import p95_length, truncate
+    from lora_trainer.encoding import fit, p95_length
 
     max_len = p95_length(exs)
-    rows, row_len = make_rows(truncate(exs, max_len)[0], max_len, packing=True)
+    rows, row_len = make_rows(fit(exs, max_len).kept, max_len, packing=True)
+    assert row_len == max_len  # a packed row holds up to maxSeqLength tokens
     frac = padding_fraction(rows, row_len)
     print(f"padding fraction {frac:.2%} ({len(rows)} rows of {row_len})")
     assert frac < 0.05

@@ -1,4 +1,4 @@
-"""`lora-trainer`: run | train | evaluate | export CONFIG, and fingerprint PATH_OR_URI.
+"""`lora-trainer`: run | train | evaluate | export | inspect CONFIG, and fingerprint PATH_OR_URI.
 
 Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
 (spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
         _runtime_flags(s)
+    i = sub.add_parser("inspect", help="show how each example will be trained (trained tokens marked)")
+    i.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
+    i.add_argument("--limit", type=int, default=None, help="print at most N examples (the summary counts all)")
+    i.add_argument("--json", action="store_true", help="one JSON object per example, then a summary")
+    _runtime_flags(i)
     f = sub.add_parser("fingerprint", help="print sha256:<hex> of a model directory or URI")
     f.add_argument("path", help="local path, file://, pvc:// or s3:// URI")
     _runtime_flags(f)
@@ -134,6 +139,23 @@ def _stage_only(command: str, job, rt: RuntimeConfig) -> int:
     return 0
 
 
+def _inspect(job, rt: RuntimeConfig, limit, as_json: bool) -> int:
+    """Prepare the data as training does and print it; data errors exit 2 as in training."""
+    from lora_operator.api import SpecError
+
+    from .data import DataError
+    from .model import RevisionError
+
+    try:
+        from .inspection import inspect_job
+
+        inspect_job(job, rt, limit=limit, as_json=as_json, out=sys.stdout)
+    except (DataError, SpecError, RevisionError) as exc:
+        print(f"lora-trainer: {exc}", file=sys.stderr)
+        return DATA_ERROR_EXIT_CODE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -156,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return DATA_ERROR_EXIT_CODE
     if args.command in ("evaluate", "export"):
         return _stage_only(args.command, job, rt)
+    if args.command == "inspect":
+        return _inspect(job, rt, args.limit, args.json)
     stages = {"run": {"train", "evaluate", "export"}, "train": {"train"}}[args.command]
     return run_job(stages, job, rt)
 

@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import model as modelmod
 from . import storage
 from .config import Job, RuntimeConfig
-from .data import IGNORE
+from .loss import sum_ce
 from .packing import Schedule, collate_packed, collate_padded
 from .prepare import prepare_data
 from .progress import ProgressWriter, mfu, peak_memory_bytes
 from .reporting import StepReporter
+from .targets import check_targets
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class LoRARecipe:
         self.last_eval: Optional[tuple[int, float]] = None
         self.stop_requested = False
         self.history: list[dict] = []  # per-step loss, for tests and the summary
+        self.warnings: list[str] = []  # reported before training (progress.json)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -89,16 +90,23 @@ class LoRARecipe:
         log.info("data: %s", self.data.summary())
         self._setup_model()
         self._setup_schedule()
-        self.progress.update(datasetHashes=self.data.dataset_hashes,
-                             skippedLines=self.data.skipped_lines, trainableParams=self.trainable,
+        self.progress.update(datasetHashes=self.data.dataset_hashes, **self.data.stats(),
+                             trainableParams=self.trainable,
                              trainableFraction=self.trainable / self.total_params,
-                             totalSteps=self.total_steps)
+                             totalSteps=self.total_steps, warnings=self.warnings)
         self._maybe_resume()
 
     def _setup_model(self) -> None:
         s = self.spec
+        checkpointing = modelmod.gradient_checkpointing(s.training.gradient_checkpointing, s.quantization)
         base = modelmod.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
-                                  self.acc.device)
+                                  self.acc.device, attn=s.attn_implementation, checkpointing=checkpointing)
+        coverage = check_targets(base, s.lora.target_modules)
+        self.warnings = [w for w in [coverage.warning()] if w]
+        for warning in self.warnings:
+            log.warning(warning)
+        log.info("attention %s, gradient checkpointing %s", base.config._attn_implementation,
+                 "on" if checkpointing else "off")
         model = modelmod.add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
         self.trainable, self.total_params = modelmod.param_counts(model)
@@ -117,6 +125,12 @@ class LoRARecipe:
                                  t.gradient_accumulation_steps, self.acc.num_processes, t.seed)
         spe = self.schedule.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * spe
+        rows = t.batch_size * t.gradient_accumulation_steps * self.acc.num_processes
+        row_len = self.data.row_len or self.data.max_seq_length
+        log.info("an optimizer step takes %d rows (batchSize %d x gradientAccumulationSteps %d x %d "
+                 "processes) of up to %d tokens: up to %d tokens per step, %d steps per epoch",
+                 rows, t.batch_size, t.gradient_accumulation_steps, self.acc.num_processes, row_len,
+                 rows * row_len, spe)
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         # Not passed through accelerate.prepare: we step it exactly once per optimizer step.
         self.scheduler = get_scheduler(name, self.optimizer.optimizer if hasattr(
@@ -153,11 +167,10 @@ class LoRARecipe:
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
     def _sum_ce(self, batch) -> torch.Tensor:
+        """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            logits = self.model(**batch.model_inputs()).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+            return sum_ce(self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:

@@ -38,6 +38,7 @@ class StageContext:
     progress: Optional[ProgressWriter] = None
     max_seq_length: Optional[int] = None  # the training length (auto = p95)
     dataset_hashes: dict = field(default_factory=dict)
+    data_stats: dict = field(default_factory=dict)  # dropped / truncated / skipped counts
 
     @property
     def spec(self):
@@ -78,7 +79,8 @@ def build_context(job: Job, rt: RuntimeConfig, progress=None, base_dir=None, pre
     shutil.rmtree(local, ignore_errors=True)
     storage.download_prefix(store, storage.join(ref.key, "adapter"), local)
     return StageContext(job, rt, Path(base_dir), local, ref, prepared.eval_jsonl, store, key,
-                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes))
+                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
+                        prepared.stats())
 
 
 def _load(name: str):
@@ -123,7 +125,8 @@ def run_export(ctx: StageContext, report) -> Optional[dict]:
     uris = mod.publish(ctx.spec, ctx.output_store, ctx.output_key, ctx.base_dir, ctx.adapter_dir,
                        report, tokenizer, eval_records=ctx.eval_records(),
                        work_dir=ctx.runtime.work_dir, run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
-                       dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length)
+                       dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
+                       data_stats=ctx.data_stats)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris
