@@ -149,7 +149,7 @@ def memory_steps(model, device: str, tokens: int, vocab: int) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-    from lora_trainer import loss
+    from lora_trainer.model import loss
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (1, tokens), generator=g).to(device)

@@ -8,7 +8,7 @@ Variants, each in its own process (peak RSS, VmHWM reset after the model is buil
 128k-vocabulary embedding and head, fp32 on the CPU) and the same 4096-token row, every token
 trained (the worst case for chunked CE, which only runs the head on trained tokens):
   before        full fp32 logits of the row, no gradient checkpointing (the trainer until now)
-  chunked       lora_trainer.loss.sum_ce: head applied to one chunk of trained tokens at a time
+  chunked       lora_trainer.model.loss.sum_ce: head applied to one chunk of trained tokens at a time
   chunked+gc    chunked CE and non-reentrant gradient checkpointing (the default for QLoRA)
 The figure is the step's peak minus the memory held before it (weights, inputs).
 
@@ -74,7 +74,7 @@ def one_step(variant: str, tokens: int, vocab: int, hidden: int = 256, layers: i
     import torch
 
     sys.path.insert(0, str(HERE.parent / "trainer"))
-    from lora_trainer import loss
+    from lora_trainer.model import loss
 
     model = build(vocab, hidden, layers, device)
     if variant.endswith("+gc"):
@@ -112,7 +112,7 @@ def estimate_7b(tokens: int = 4096, chunked: bool = True, checkpointing: bool = 
     logits: bf16 head output, fp32 copy, saved log-softmax and its gradient: 14 B per token and
       vocabulary entry, for every token (full) or one chunk (chunked).
     """
-    chunk = chunk or max(128, (1 << 26) // vocab)  # lora_trainer.loss.chunk_tokens
+    chunk = chunk or max(128, (1 << 26) // vocab)  # lora_trainer.model.loss.chunk_tokens
     linear = layers * (2 * hidden * hidden + 2 * hidden * kv_hidden + 3 * hidden * inter)
     weights = linear * (0.5 + 0.127 / 8) + 2 * vocab * hidden * 2
     lora_params = layers * rank * (2 * hidden + 2 * (hidden + kv_hidden) + 2 * hidden + 3 * (hidden + inter))

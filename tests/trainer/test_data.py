@@ -7,8 +7,8 @@ import json
 import pytest
 import tiny
 
-from lora_trainer.data import IGNORE, DataError, encode_chat, read_jsonl, read_jsonl_lines, split_records
-from lora_trainer.encoding import encode_completion
+from lora_trainer.data.encoding import encode_completion
+from lora_trainer.data.records import IGNORE, DataError, encode_chat, read_jsonl, read_jsonl_lines, split_records
 
 CONVO = [
     {"role": "system", "content": "Be brief."},

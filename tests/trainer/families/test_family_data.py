@@ -5,8 +5,8 @@ from __future__ import annotations
 import families as F
 import pytest
 
-from lora_trainer.data import IGNORE, DataError
-from lora_trainer.encoding import encode_records, fit, p95_length
+from lora_trainer.data.encoding import encode_records, fit, p95_length
+from lora_trainer.data.records import IGNORE, DataError
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,14 @@ def test_overlong_examples_are_dropped_by_default_and_cut_after_a_whole_turn_on_
 
 
 def test_examples_without_trained_tokens_never_train():
-    from lora_trainer.encoding import Sourced
+    from lora_trainer.data.encoding import Sourced
 
     ex = Sourced([1, 2, 3], [IGNORE] * 3, line=4)
     assert fit([ex], 10).dropped[0].reason == "no trained tokens"
 
 
 def test_p95_is_the_nearest_rank_of_training_lengths():
-    from lora_trainer.encoding import Sourced
+    from lora_trainer.data.encoding import Sourced
 
     exs = [Sourced([1] * n, [1] * n) for n in range(1, 101)]
     assert p95_length(exs) == 95

@@ -11,8 +11,8 @@ import yaml
 from lora_operator.api import GenerationCheck
 from lora_trainer.__main__ import main, run_job
 from lora_trainer.config import RuntimeConfig, load_job
-from lora_trainer.generation import build_samples, compile_check
-from lora_trainer.rendering import reasoning_tags, strip_reasoning
+from lora_trainer.data.rendering import reasoning_tags, strip_reasoning
+from lora_trainer.evaluation.generation import build_samples, compile_check
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_templates_without_a_reasoning_block_keep_the_reply():
 
 
 def _gemma_job(tmp_path, base, on_invalid="skip", max_len=0):
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     store = tmp_path / "store"
     rows = F.conversations(8, seed=5, shapes=("single", "multi"))
@@ -99,8 +99,8 @@ def test_a_refused_record_fails_inspect_and_training_with_exit_2_naming_its_line
 def test_inspect_text_marks_trained_spans_and_limits_the_examples_shown(qwen3):
     import io
 
-    from lora_trainer.encoding import encode_records
-    from lora_trainer.inspection import write_report
+    from lora_trainer.data.encoding import encode_records
+    from lora_trainer.data.inspection import write_report
 
     examples = encode_records(qwen3, [{"messages": F.conversation("multi")}], "chat", lines=[3]).examples
     out = io.StringIO()

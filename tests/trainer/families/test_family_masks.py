@@ -5,7 +5,7 @@ from __future__ import annotations
 import families as F
 import pytest
 
-from lora_trainer.rendering import TemplateRefused, render, render_chat, token_labels
+from lora_trainer.data.rendering import TemplateRefused, render, render_chat, token_labels
 
 IGNORE = -100
 CASES = [(f, s) for f in F.FAMILIES for s in F.SHAPES]

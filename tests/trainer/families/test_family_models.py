@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from lora_operator.api import SpecError
-from lora_trainer import loss
-from lora_trainer import model as m
-from lora_trainer.packing import collate_packed
-from lora_trainer.rendering import render_chat, token_labels
-from lora_trainer.targets import check_targets
+from lora_trainer.data.packing import collate_packed
+from lora_trainer.data.rendering import render_chat, token_labels
+from lora_trainer.model import loading as m
+from lora_trainer.model import loss
+from lora_trainer.model.targets import check_targets
 
 NAMES = list(F.FAMILIES)
 
@@ -32,7 +32,7 @@ def _load(path, attn="auto"):
 
 @pytest.mark.parametrize("family", NAMES)
 def test_attention_kernel_is_sdpa_where_supported_and_packed_logits_equal_unpacked(family_base, family):
-    from lora_trainer.data import Example
+    from lora_trainer.data.records import Example
 
     path = family_base(family)
     want = "eager" if family == "gemma2" else "sdpa"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def _job(tmp_path, base, family: str):
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     store = tmp_path / "store"
     shapes = ("single", "system", "multi") if F.FAMILIES[family].system else ("single", "multi")

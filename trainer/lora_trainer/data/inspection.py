@@ -1,8 +1,8 @@
 """`lora-trainer inspect CONFIG`: how each example will be trained, before any GPU time is spent.
 
-Reads the training data exactly as training does (`prepare.prepare_data`: same download,
-validation, split, template, masking and maxSeqLength fitting) and prints, per training example in
-file order (held-out records are not shown),
+`run.inspect_job` reads the training data exactly as training does (`prepare.prepare_data`: same
+download, validation, split, template, masking and maxSeqLength fitting); this module prints, per
+training example in file order (held-out records are not shown),
 the rendered text with its trained tokens marked (green on a terminal, between ⟦ and ⟧ otherwise),
 or with --json one object per line:
 
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable
 from typing import Optional, TextIO
 
-from .data import IGNORE
+from .records import IGNORE
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 OPEN, CLOSE = "⟦", "⟧"
@@ -80,18 +80,3 @@ def write_report(tokenizer, items: Iterable[tuple], summary: dict, *, as_json: b
     else:
         out.write("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + "\n")
 
-
-def inspect_job(job, rt, *, limit: Optional[int], as_json: bool, out: TextIO = sys.stdout) -> dict:
-    """Prepare the job's data as training does and write the report; returns the summary."""
-    from . import model as modelmod
-    from .prepare import inspection_items, prepare_data
-
-    skw = rt.store_kwargs(job)
-    base = job.spec.base_model
-    base_dir = modelmod.resolve_base(base.uri, base.revision, rt.work_dir, **skw)
-    tokenizer = modelmod.load_tokenizer(base_dir)
-    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
-    summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
-               "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
-    write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit, out=out)
-    return summary

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .data import IGNORE, DataError, Example
+from .records import IGNORE, DataError, Example
 from .rendering import Rendered, TemplateRefused, render_chat, token_labels, whole_text
 
 

@@ -11,10 +11,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import storage
-from .data import DataError, read_jsonl_lines, split_records
+from ..io import storage
 from .encoding import Drop, Sourced, encode_records, fit, p95_length
 from .packing import make_rows, padding_fraction
+from .records import DataError, read_jsonl_lines, split_records
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ class Prepared:
 def fetch(uri: str, dest_dir: Path, **store_kw) -> Path:
     """Download one dataset file (or use it in place when local)."""
     store, key = storage.open_uri(uri, **store_kw)
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.LocalStore) and not uri.startswith("s3://"):
-        path = inner._path(key)
+    path = store.local_path(key)
+    if path is not None:
         if not path.is_file():
             raise DataError(uri, None, "file not found")
         return path

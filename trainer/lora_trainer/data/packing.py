@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE, Example
+from .records import IGNORE, Example
 
 
 def pack_bfd(examples: list[Example], row_len: int) -> list[list[Example]]:

@@ -8,8 +8,9 @@ incomplete and may verify the listed digests.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
 from typing import Any, Optional
+
+from .progress import now_rfc3339
 
 SCHEMA_VERSION = 1
 FILENAME = "lora-metadata.json"
@@ -53,10 +54,6 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
     return "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
                    files: dict[str, str], dataset_hashes: dict[str, str], run_id: str,
                    started_at: Optional[str] = None, warnings: Optional[list[str]] = None,
@@ -93,5 +90,5 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "artifacts": dict(artifacts),
         "files": dict(files),
         "warnings": list(warnings or []),
-        "timestamps": {"startedAt": started_at, "publishedAt": utc_now()},
+        "timestamps": {"startedAt": started_at, "publishedAt": now_rfc3339()},
     }
