@@ -73,3 +73,11 @@ def test_schedule_covers_each_row_once_per_epoch_and_is_replayable(world):
                 seen += micro
     assert set(seen) == set(range(11))
     assert s.micro_batches(1, 0, 0) == s.micro_batches(1, 0, 0) != s.micro_batches(0, 0, 0)
+
+
+def test_rows_hold_max_seq_length_tokens_so_steps_per_epoch_count_examples_as_users_expect():
+    # 360 examples of the longest allowed length at batchSize 4: 90 steps an epoch, as TRL/Axolotl give.
+    exs = [Example(list(range(100)), list(range(100))) for _ in range(360)]
+    rows, row_len = make_rows(exs, 100, packing=True)
+    assert row_len == 100 and len(rows) == 360
+    assert Schedule(len(rows), batch_size=4, accum=1).steps_per_epoch == 90

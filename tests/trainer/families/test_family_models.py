@@ -93,3 +93,15 @@ def test_all_linear_adapts_every_decoder_linear_layer_and_not_the_head(family_ba
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     adapted = {n.rsplit(".", 1)[-1] for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")}
     assert adapted == set(cov.kinds) == set(F.FAMILIES["phi35"].linear)
+
+
+def test_gradient_checkpointing_is_on_by_default_for_quantized_bases_only(family_base):
+    assert m.gradient_checkpointing(None, "nf4") and not m.gradient_checkpointing(None, "none")
+    assert not m.gradient_checkpointing(False, "nf4") and m.gradient_checkpointing(True, "none")
+    model = m.load_base(family_base("llama31"), "none", False, "float32", torch.device("cpu"), checkpointing=True)
+    assert model.is_activation_checkpointing
+
+
+def test_attention_kernel_can_be_overridden_in_the_spec(family_base):
+    assert m.attn_implementation(family_base("gemma2"), "sdpa") == "sdpa"
+    assert _load(family_base("qwen25"), attn="eager").config._attn_implementation == "eager"
