@@ -138,7 +138,9 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
         model.to(device)
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     model.config.use_cache = False
     return model
