@@ -129,25 +129,12 @@ def test_files_must_match_the_manifest_exactly(tmp_path):
         verify.verify_files(tmp_path, manifest, "ckpt")
 
 
-class _WritesAFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (self.path,))
-
-
-def _touch(path):
-    with open(path, "w") as fh:
-        fh.write("pwned")
-    return {}
-
-
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     import torch
+    from trust_payload import WritesAFile
 
     marker = tmp_path / "pwned"
-    torch.save({"state": {}, "param_groups": [], "x": _WritesAFile(str(marker))}, tmp_path / "optimizer.pt")
+    torch.save({"state": {}, "param_groups": [], "x": WritesAFile(str(marker))}, tmp_path / "optimizer.pt")
     with pytest.raises(verify.CheckpointInvalid, match="not plain tensor data"):
         verify.load_tensors(tmp_path / "optimizer.pt", "ckpt")
     assert not marker.exists()
