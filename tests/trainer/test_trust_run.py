@@ -13,15 +13,27 @@ import math
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import yaml
-from test_training import trainer_cmd, trainer_env
 
 from lora_trainer import checkpoint as ckpt
 from lora_trainer.__main__ import run_job
 from lora_trainer.config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 from lora_trainer.storage import LocalStore
+
+
+def trainer_env(tmp_path, **extra) -> dict:
+    env = {**os.environ, "LORA_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "LORA_PROGRESS_INTERVAL_S": "0", "OMP_NUM_THREADS": "1", **extra}
+    env.pop("S3_ENDPOINT", None)
+    return env
+
+
+def trainer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lora_trainer", *args]
+
 
 SHORT = {"training.epochs": 1, "training.checkpointEverySteps": 2, "training.evalEverySteps": 2}
 ALL = ("train", "evaluate", "export")
@@ -87,7 +99,7 @@ def _tamper_with_payload(step_dir, marker, update_manifest: bool) -> None:
 @pytest.mark.parametrize("update_manifest", [True, False], ids=["digest rewritten", "digest stale"])
 def test_a_tampered_optimizer_state_runs_no_code_and_falls_back_to_an_older_checkpoint(
         make_job, tmp_path, update_manifest):
-    cfg, store = make_job(n_train=12, **{**SHORT, "training.keepCheckpoints": 3})
+    cfg, store = make_job(n_train=12, **{**SHORT, "training.keepCheckpoints": 3, "training.batchSize": 1})
     assert _run(cfg, store, tmp_path / "a") == 0
     steps = [r.step for r in ckpt.list_checkpoints(_out(store), "job") if r.complete]
     assert len(steps) >= 2
@@ -164,17 +176,17 @@ def test_sigterm_during_export_keeps_the_previous_release_and_the_next_attempt_o
     first = _metadata(store)
     adapter = first["artifacts"]["adapter"].removeprefix("s3://out/")
     assert (store / "out" / adapter / "adapter_model.safetensors").exists()
-    real_merge = export.merge_adapter
+    real_write = export.write_adapter
 
     def evicted(*a, **kw):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real_merge(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)  # the pod is evicted while the adapter is written
+        return real_write(*a, **kw)
 
-    monkeypatch.setattr(export, "merge_adapter", evicted)
+    monkeypatch.setattr(export, "write_adapter", evicted)
     assert _run(cfg, store, tmp_path / "b", ALL, attempt=2) == PREEMPTED_EXIT_CODE
     assert _progress(store)["state"] == "Preempted"
     assert _metadata(store) == first and (store / "out" / adapter / "adapter_model.safetensors").exists()
-    monkeypatch.setattr(export, "merge_adapter", real_merge)
+    monkeypatch.setattr(export, "write_adapter", real_write)
     caplog.set_level(logging.INFO, logger="lora_trainer")
     assert _run(cfg, store, tmp_path / "c", ALL, attempt=3) == 0
     second, total = _metadata(store), _progress(store)["totalSteps"]
@@ -211,7 +223,7 @@ def test_a_missing_output_bucket_fails_with_exit_2_before_any_base_download(make
 def test_a_nan_loss_stops_training_with_its_own_exit_code_and_strict_json(make_job, tmp_path, monkeypatch):
     from lora_trainer.recipe import LoRARecipe
 
-    cfg, store = make_job(n_train=8, **SHORT)
+    cfg, store = make_job(n_train=12, **{**SHORT, "training.batchSize": 1})
     real = LoRARecipe._sum_ce
     monkeypatch.setattr(LoRARecipe, "_sum_ce",
                         lambda self, batch: real(self, batch) * (math.nan if self.step >= 1 else 1.0))

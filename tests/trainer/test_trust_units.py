@@ -140,3 +140,47 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
     torch.save({"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]}, tmp_path / "ok.pt")
     assert verify.load_tensors(tmp_path / "ok.pt", "ckpt")["param_groups"][0]["lr"] == 0.1
+
+
+# --- the generation checks use them ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_catastrophic_user_pattern_on_a_long_output_is_bounded():
+    from lora_operator.api import GenerationCheck
+    from lora_trainer.generation import Sample, pass_rate
+
+    check = GenerationCheck.model_validate({"name": "words", "type": "mustMatch", "pattern": r"^(\w+\s?)+$"})
+    replies = [" ".join(["abcde"] * 40) + "!", "fine words"]
+    t0 = time.perf_counter()
+    assert pass_rate(check, replies, [Sample("p", "r")] * 2) == 0.5
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_pattern_search_that_times_out_fails_that_output_and_is_counted():
+    from lora_operator.api import GenerationCheck
+    from lora_trainer.generation import Sample, score
+
+    check = GenerationCheck.model_validate({"name": "slow", "type": "mustNotMatch",
+                                            "pattern": r"^(\w|\w\w)+(?<!x)$"})
+    result = score(check, ["a" * 60 + "!", "ok!"], [Sample("p", "r")] * 2)
+    assert result.timeouts == 1 and result.rate == 0.5, "timed out: failed, neither match nor non-match"
+
+
+def test_a_json_schema_check_with_a_remote_ref_is_refused_before_generating():
+    from lora_operator.api import GenerationCheck
+    from lora_trainer.generation import CheckConfigError, compile_check
+
+    check = GenerationCheck.model_validate({"name": "remote", "type": "jsonSchema",
+                                            "schema": {"$ref": "http://127.0.0.1:9/schema.json"}})
+    with pytest.raises(CheckConfigError, match="remote \\$ref"):
+        compile_check(check)
+
+
+def test_an_unknown_check_type_is_an_error_not_a_default():
+    from lora_operator.api import GenerationCheck
+    from lora_trainer.generation import CheckConfigError, compile_check
+
+    check = GenerationCheck.model_construct(name="odd", type="mustRhyme", pattern="x", min_pass_rate=1.0)
+    with pytest.raises(CheckConfigError, match="unknown check type 'mustRhyme'"):
+        compile_check(check)

@@ -1,8 +1,11 @@
 """`lora-trainer`: run | train | evaluate | export CONFIG, and fingerprint PATH_OR_URI.
 
 Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
-(spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
-checkpoint (the next attempt resumes).
+(spec, data, unpinned or mismatching base, an output prefix of another job, unusable storage found
+by the preflight, a key that escapes its store; retrying cannot help); 4 diverged (a non-finite
+loss; the same spec diverges again); 143 preempted by SIGTERM (during training after a checkpoint;
+during evaluation or export at once, leaving the published set as it was): the next attempt
+resumes from the checkpoint, without retraining when training was done.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import signal
 import sys
 
-from .config import DATA_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from .config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 
 log = logging.getLogger("lora_trainer")
 
@@ -66,10 +69,12 @@ def run_job(stages: set[str], job, rt: RuntimeConfig) -> int:
 
     from . import stages as st
     from .data import DataError
+    from .identity import ForeignPrefix
     from .model import RevisionError
+    from .preflight import PreflightError
     from .progress import write_termination_message
-    from .recipe import LoRARecipe, Preempted, install_sigterm
-    from .storage import StorageError
+    from .recipe import Diverged, LoRARecipe, Preempted, install_sigterm
+    from .storage import StorageError, UnsafeKey
 
     recipe = LoRARecipe(job, rt)
     previous = install_sigterm(recipe)
@@ -82,14 +87,17 @@ def run_job(stages: set[str], job, rt: RuntimeConfig) -> int:
             recipe.train()
         state = "Succeeded"
         if recipe.rank0 and stages & {"evaluate", "export"}:
+            signal.signal(signal.SIGTERM, _raise_preempted)  # no step boundary to wait for now
             state = _after_training(recipe, stages, st)
         recipe.progress.update(state=state, force=True)
     except Preempted as exc:
         code, error = PREEMPTED_EXIT_CODE, None
         log.warning("%s; exiting with %d so the next attempt resumes", exc, code)
         recipe.progress.update(state="Preempted", force=True)
-    except (DataError, SpecError, RevisionError) as exc:
+    except (DataError, SpecError, RevisionError, ForeignPrefix, PreflightError, UnsafeKey) as exc:
         code, error = DATA_ERROR_EXIT_CODE, str(exc)
+    except Diverged as exc:
+        code, error = DIVERGED_EXIT_CODE, str(exc)
     except StorageError as exc:
         code, error = 1, str(exc)
     except Exception as exc:
@@ -107,6 +115,12 @@ def run_job(stages: set[str], job, rt: RuntimeConfig) -> int:
         recipe.cleanup()
         signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def _raise_preempted(*_):
+    from .recipe import Preempted
+
+    raise Preempted("stopped by SIGTERM during evaluation or export; the published set is unchanged")
 
 
 def _after_training(recipe, stages, st) -> str:

@@ -6,20 +6,22 @@ reference is that turn's content. (Completion data: prompt and completion as giv
 
 Every check sees the reply with special tokens removed and surrounding whitespace stripped:
 exactMatch compares it with the stripped reference, validJson parses it, jsonSchema parses and
-validates it, mustMatch / mustNotMatch use ``re.search`` on it.
+validates it (local `$ref`s only, nothing is fetched), mustMatch / mustNotMatch search it with a
+bounded engine (patterns.py: RE2, or a time limit per output). A search that runs out of time
+fails the check for that output and is counted in `Score.timeouts`. An unknown check type is a
+CheckConfigError, never a default.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-import jsonschema
-
 from lora_operator.api import GenerationCheck
+
+from .patterns import BoundedPattern, PatternError, offline_validator, schema_valid
 
 # End-of-turn markers of common chat templates; generation stops at the first of them or at EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -42,8 +44,9 @@ def _parse_json(reply: str):
         return False, None
 
 
-def compile_check(check: GenerationCheck) -> Callable[[str, str], bool]:
-    """``(reply, reference) -> passed`` for one check; raises CheckConfigError early on a bad check.
+def compile_check(check: GenerationCheck) -> Callable[[str, str], Optional[bool]]:
+    """``(reply, reference) -> passed`` for one check (None: the pattern search ran out of time);
+    raises CheckConfigError early on a bad or unknown check.
 
     The CLI can call this for every check before training, so a typo fails in seconds, not hours.
     """
@@ -53,32 +56,47 @@ def compile_check(check: GenerationCheck) -> Callable[[str, str], bool]:
         return lambda reply, ref: _parse_json(reply.strip())[0]
     if check.type == "jsonSchema":
         try:
-            cls = jsonschema.validators.validator_for(check.json_schema)
-            cls.check_schema(check.json_schema)
-        except jsonschema.SchemaError as exc:
-            raise CheckConfigError(f"checks.{check.name}: invalid JSON Schema: {exc.message}") from None
-        validator = cls(check.json_schema)
+            validator = offline_validator(check.json_schema)
+        except PatternError as exc:
+            raise CheckConfigError(f"checks.{check.name}: {exc}") from None
 
         def schema_ok(reply: str, ref: str) -> bool:
             ok, value = _parse_json(reply.strip())
-            return ok and validator.is_valid(value)
+            return ok and schema_valid(validator, value)
 
         return schema_ok
+    if check.type not in ("mustMatch", "mustNotMatch"):
+        raise CheckConfigError(f"checks.{check.name}: unknown check type {check.type!r}")
     try:
-        regex = re.compile(check.pattern or "")
-    except re.error as exc:
-        raise CheckConfigError(f"checks.{check.name}: invalid pattern: {exc}") from None
-    if check.type == "mustMatch":
-        return lambda reply, ref: regex.search(reply.strip()) is not None
-    return lambda reply, ref: regex.search(reply.strip()) is None
+        regex = BoundedPattern(check.pattern or "")
+    except PatternError as exc:
+        raise CheckConfigError(f"checks.{check.name}: {exc}") from None
+    want = check.type == "mustMatch"
+
+    def pattern_ok(reply: str, ref: str) -> Optional[bool]:
+        found = regex.search(reply.strip())
+        return None if found is None else found is want
+
+    return pattern_ok
+
+
+@dataclass(frozen=True)
+class Score:
+    rate: Optional[float]  # fraction of outputs passing; None without samples
+    timeouts: int = 0  # outputs whose pattern search ran out of time (counted as failing)
+
+
+def score(check: GenerationCheck, replies: Sequence[str], samples: Sequence[Sample]) -> Score:
+    if not samples:
+        return Score(None)
+    fn = compile_check(check)
+    results = [fn(r, s.reference) for r, s in zip(replies, samples, strict=True)]
+    return Score(sum(r is True for r in results) / len(samples), sum(r is None for r in results))
 
 
 def pass_rate(check: GenerationCheck, replies: Sequence[str], samples: Sequence[Sample]) -> Optional[float]:
     """Fraction of replies passing ``check``; None without samples."""
-    if not samples:
-        return None
-    fn = compile_check(check)
-    return sum(fn(r, s.reference) for r, s in zip(replies, samples, strict=True)) / len(samples)
+    return score(check, replies, samples).rate
 
 
 def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list[Sample]:

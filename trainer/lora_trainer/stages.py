@@ -3,26 +3,34 @@
 `evaluation.evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer, ...)` scores the best
 complete checkpoint (lowest eval loss) against the base; `evaluation.write_eval_json` stores
 eval.json whatever the verdict; `export.publish(...)` publishes only a passed adapter. A refused
-adapter ends in state Rejected. A stage whose module is not importable is skipped with a log line.
+adapter ends in state Rejected.
+
+Fail closed: the stage modules are plain imports (a broken install fails at start, never skips a
+stage), and `run_export` refuses to publish without a report whose gate passed (`NoVerdict`).
+The checkpoint evaluated and published is the verified one with the lowest recorded held-out loss
+(`best_checkpoint`), and it must carry this job's identity.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from . import checkpoint as ckpt
+from . import evaluation, export, storage
+from . import identity as ident
 from . import model as modelmod
-from . import storage
 from .config import Job, RuntimeConfig
 from .progress import ProgressWriter
 
 log = logging.getLogger(__name__)
+
+
+class NoVerdict(RuntimeError):
+    """Evaluation produced no gate verdict: nothing may be published."""
 
 
 @dataclass
@@ -38,6 +46,8 @@ class StageContext:
     progress: Optional[ProgressWriter] = None
     max_seq_length: Optional[int] = None  # the training length (auto = p95)
     dataset_hashes: dict = field(default_factory=dict)
+    identity: Optional[ident.JobIdentity] = None
+    checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
 
     @property
     def spec(self):
@@ -48,17 +58,31 @@ class StageContext:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def best_checkpoint(store, output_key: str) -> ckpt.CheckpointRef:
-    """The complete checkpoint with the lowest eval loss (the latest one's record decides)."""
-    latest = ckpt.latest_complete(store, output_key)
-    if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint under {store.describe(output_key)}")
-    state = json.loads(store.get_bytes(storage.join(latest.key, "state.json")))
-    best = state.get("bestStep")
-    for ref in ckpt.list_checkpoints(store, output_key):
-        if ref.complete and ref.step == best:
-            return ref
-    return latest
+def best_checkpoint(store, output_key: str, mine: ident.JobIdentity, dest: Path) -> tuple[ckpt.CheckpointRef, dict]:
+    """Download the verified complete checkpoint with the lowest recorded eval loss to `dest`.
+
+    Candidates are ranked by the `evalLoss` in their manifests (newest first among equals, those
+    without a finite loss last); one that fails verification is skipped with a log line.
+    Returns (ref, manifest). ForeignPrefix when a checkpoint is another job's.
+    """
+    where = store.describe(output_key)
+    ranked = []
+    for ref in ckpt.complete_newest_first(store, output_key):
+        try:
+            manifest = ckpt.read_manifest(store, ref)
+        except ckpt.CheckpointInvalid as exc:
+            log.error("skipping %s: %s", store.describe(ref.key), exc)
+            continue
+        ident.check_owner(mine, ident.JobIdentity.from_dict(manifest), f"checkpoint step-{ref.step}", where)
+        loss = manifest.get("evalLoss")
+        ranked.append((0 if isinstance(loss, (int, float)) else 1, loss or 0.0, -ref.step, ref, manifest))
+    for *_, ref, manifest in sorted(ranked, key=lambda r: r[:3]):
+        try:
+            ckpt.fetch_verified(store, ref, dest, manifest, only="adapter/")
+            return ref, manifest
+        except ckpt.CheckpointInvalid as exc:
+            log.error("skipping %s: %s", store.describe(ref.key), exc)
+    raise FileNotFoundError(f"no complete, verified checkpoint under {store.describe(output_key)}")
 
 
 def build_context(job: Job, rt: RuntimeConfig, progress=None, base_dir=None, prepared=None) -> StageContext:
@@ -73,27 +97,18 @@ def build_context(job: Job, rt: RuntimeConfig, progress=None, base_dir=None, pre
 
         tok = modelmod.load_tokenizer(base_dir)
         prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, **skw)
-    ref = best_checkpoint(store, key)
+    mine = ident.of_job(job, prepared.dataset_hashes)
     local = rt.work_dir / "best"
-    shutil.rmtree(local, ignore_errors=True)
-    storage.download_prefix(store, storage.join(ref.key, "adapter"), local)
-    return StageContext(job, rt, Path(base_dir), local, ref, prepared.eval_jsonl, store, key,
-                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes))
-
-
-def _load(name: str):
-    try:
-        return importlib.import_module(f"lora_trainer.{name}")
-    except ImportError as exc:
-        log.warning("stage module lora_trainer.%s not available (%s); skipping it", name, exc)
-        return None
+    ref, manifest = best_checkpoint(store, key, mine, local)
+    log.info("evaluating %s (held-out loss %s)", store.describe(ref.key), manifest.get("evalLoss"))
+    return StageContext(job, rt, Path(base_dir), local / "adapter", ref, prepared.eval_jsonl, store, key,
+                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes), mine,
+                        manifest.get("evalLoss"))
 
 
 def run_evaluate(ctx: StageContext):
-    """(report, passed); eval.json is written whatever the verdict. No module: (None, True)."""
-    mod = _load("evaluation")
-    if mod is None:
-        return None, True
+    """(report, passed); eval.json is written whatever the verdict."""
+    mod = evaluation
     if ctx.progress:
         ctx.progress.update(state="Evaluating")
     spec = ctx.spec
@@ -112,18 +127,25 @@ def run_evaluate(ctx: StageContext):
     return report, bool(report.gate.passed)
 
 
-def run_export(ctx: StageContext, report) -> Optional[dict]:
-    """Publish a passed adapter; returns the artifact URIs (None when export is unavailable)."""
-    mod = _load("export")
-    if mod is None or report is None:
-        return None
+def require_verdict(report) -> None:
+    """NoVerdict unless `report` carries a gate verdict that passed (fail closed)."""
+    gate = getattr(report, "gate", None)
+    if gate is None or getattr(gate, "passed", None) is not True:
+        raise NoVerdict("evaluation returned no passed gate verdict; nothing is published")
+
+
+def run_export(ctx: StageContext, report) -> dict:
+    """Publish a passed adapter; returns the artifact URIs."""
+    require_verdict(report)
+    mod = export
     if ctx.progress:
         ctx.progress.update(state="Exporting")
     tokenizer = modelmod.load_tokenizer(ctx.base_dir)
     uris = mod.publish(ctx.spec, ctx.output_store, ctx.output_key, ctx.base_dir, ctx.adapter_dir,
                        report, tokenizer, eval_records=ctx.eval_records(),
                        work_dir=ctx.runtime.work_dir, run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
-                       dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length)
+                       dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
+                       identity=ctx.identity, checkpoint_eval_loss=ctx.checkpoint_eval_loss)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris
