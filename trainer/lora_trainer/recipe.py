@@ -12,7 +12,6 @@ dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import identity as ident
 from . import model as modelmod
-from . import preflight, release, storage
+from . import preflight, release, storage, strictjson
 from .config import Job, RuntimeConfig
 from .data import IGNORE
 from .packing import Schedule, collate_packed, collate_padded
@@ -343,7 +342,7 @@ class LoRARecipe:
         Rewritten whole at each checkpoint from the history the checkpoint also carries, so a
         resumed attempt continues the same curve.
         """
-        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        lines = "".join(strictjson.dumps(h) + "\n" for h in self.history)
         self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
 
     def save_adapter(self, dest: Path) -> Path:
