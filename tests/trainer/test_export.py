@@ -14,8 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
 
-from lora_trainer import storage
-from lora_trainer.evaluation import evaluate, load_adapted
+from lora_trainer.evaluation.scoring import evaluate, load_adapted
 from lora_trainer.export import (
     ExportError,
     GateRejected,
@@ -25,6 +24,7 @@ from lora_trainer.export import (
     verify_merge,
     write_adapter,
 )
+from lora_trainer.io import storage
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_merged_model_matches_base_plus_adapter(published, w):
 
 
 def test_wrong_scale_merge_is_caught_with_the_measured_difference(passing, w, tmp_path):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     write_adapter(spec, w["adapter"], w["tokenizer"], tmp_path / "adapter")
@@ -180,7 +180,7 @@ def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path)
 
 
 def test_rejected_job_publishes_nothing(w, tmp_path):
-    from lora_trainer.evaluation import write_eval_json
+    from lora_trainer.evaluation.scoring import write_eval_json
 
     spec = world.make_spec(tmp_path, gate={"maxEvalLoss": 1e-4})
     report = evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"])
@@ -193,27 +193,30 @@ def test_rejected_job_publishes_nothing(w, tmp_path):
 
 
 class FlakyStore:
-    """Fails for good (as RetryingStore does when its budget is spent) on the nth put_file, or on
-    writing the metadata pointer."""
+    """An outage: every write from the nth put_file on fails for good (as RetryingStore does when
+    its budget is spent); with fail_on=0 only the metadata pointer's write fails."""
 
     def __init__(self, inner, fail_on: int):
-        self.inner, self.fail_on, self.puts = inner, fail_on, 0
+        self.inner, self.fail_on, self.writes = inner, fail_on, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def _maybe_fail(self, key):
-        if self.puts == self.fail_on or (self.fail_on == 0 and key.endswith("lora-metadata.json")):
-            raise storage.StorageError(f"put {key} failed after 5 attempts: ConnectionError")
+    def _write(self, op: str, *args):
+        self.writes += 1
+        if (self.fail_on and self.writes >= self.fail_on) or (not self.fail_on and args[0].endswith(
+                "lora-metadata.json")):
+            raise storage.StorageError(f"{op} {args[0]} failed after 5 attempts: ConnectionError")
+        return getattr(self.inner, op)(*args)
 
     def put_file(self, key, src):
-        self.puts += 1
-        self._maybe_fail(key)
-        return self.inner.put_file(key, src)
+        return self._write("put_file", key, src)
+
+    def copy(self, src_key, dst_key):
+        return self._write("copy", src_key, dst_key)
 
     def put_bytes(self, key, data):
-        self._maybe_fail(key)
-        return self.inner.put_bytes(key, data)
+        return self._write("put_bytes", key, data)
 
 
 @pytest.mark.parametrize("fail_on", [2, 0], ids=["should keep the previous set when the release upload fails",
@@ -238,7 +241,7 @@ def test_failed_upload_leaves_the_previous_complete_set_published(passing, w, tm
 
 
 def test_publishing_over_another_jobs_set_is_refused(passing, w, tmp_path):
-    from lora_trainer.identity import ForeignPrefix, JobIdentity
+    from lora_trainer.io.identity import ForeignPrefix, JobIdentity
 
     spec = world.make_spec(tmp_path, fmt="adapter")
     _, report = passing
@@ -270,7 +273,7 @@ def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_merge_passes_the_16bit_tolerance(passing, w, tmp_path, dtype):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     merge_adapter(w["base"], w["adapter"], tmp_path / "merged", w["tokenizer"], dtype=dtype,

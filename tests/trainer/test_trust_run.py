@@ -18,10 +18,10 @@ import sys
 import pytest
 import yaml
 
-from lora_trainer import checkpoint as ckpt
 from lora_trainer.__main__ import run_job
 from lora_trainer.config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
-from lora_trainer.storage import LocalStore
+from lora_trainer.io.storage import LocalStore
+from lora_trainer.model import checkpoint as ckpt
 
 
 def trainer_env(tmp_path, **extra) -> dict:
@@ -70,10 +70,10 @@ def _metadata(store):
 
 @pytest.mark.slow
 def test_a_stubbed_out_evaluator_fails_the_run_and_publishes_nothing(make_job, tmp_path, monkeypatch):
-    from lora_trainer import stages
+    from lora_trainer import run
 
     cfg, store = make_job(n_train=8, **SHORT)
-    monkeypatch.setattr(stages, "run_evaluate", lambda ctx: (None, True))  # no verdict at all
+    monkeypatch.setattr(run, "evaluate", lambda ctx: None)  # a stub: no report, no verdict
     assert _run(cfg, store, tmp_path, ALL) == 1
     progress = _progress(store)
     assert progress["state"] == "Failed" and "verdict" in progress["error"]
@@ -240,7 +240,7 @@ def test_a_nan_loss_stops_training_with_its_own_exit_code_and_strict_json(make_j
 @pytest.mark.parametrize("uri", ["s3://out/../../../escaped", "pvc://claim/../../../etc/hostname",
                                  "s3://out/a/../../b", "s3://out//abs"])
 def test_a_key_with_dot_dot_or_an_absolute_path_is_refused(tmp_path, uri):
-    from lora_trainer import storage
+    from lora_trainer.io import storage
 
     with pytest.raises(storage.UnsafeKey, match="not allowed"):
         storage.open_uri(uri, storage_dir=tmp_path / "store", pvc_root=tmp_path / "pvc")

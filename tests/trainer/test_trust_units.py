@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from lora_trainer import identity, patterns, strictjson, verify
+from lora_trainer.evaluation import patterns
+from lora_trainer.io import identity, strictjson
+from lora_trainer.model import verify
 
 # --- bounded patterns -----------------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 @pytest.mark.timeout(30)
 def test_a_catastrophic_user_pattern_on_a_long_output_is_bounded():
     from lora_operator.api import GenerationCheck
-    from lora_trainer.generation import Sample, pass_rate
+    from lora_trainer.evaluation.generation import Sample, pass_rate
 
     check = GenerationCheck.model_validate({"name": "words", "type": "mustMatch", "pattern": r"^(\w+\s?)+$"})
     replies = [" ".join(["abcde"] * 40) + "!", "fine words"]
@@ -159,7 +161,7 @@ def test_a_catastrophic_user_pattern_on_a_long_output_is_bounded():
 
 def test_a_pattern_search_that_times_out_fails_that_output_and_is_counted():
     from lora_operator.api import GenerationCheck
-    from lora_trainer.generation import Sample, score
+    from lora_trainer.evaluation.generation import Sample, score
 
     check = GenerationCheck.model_validate({"name": "slow", "type": "mustNotMatch",
                                             "pattern": r"^(\w|\w\w)+(?<!x)$"})
@@ -169,7 +171,7 @@ def test_a_pattern_search_that_times_out_fails_that_output_and_is_counted():
 
 def test_a_json_schema_check_with_a_remote_ref_is_refused_before_generating():
     from lora_operator.api import GenerationCheck
-    from lora_trainer.generation import CheckConfigError, compile_check
+    from lora_trainer.evaluation.generation import CheckConfigError, compile_check
 
     check = GenerationCheck.model_validate({"name": "remote", "type": "jsonSchema",
                                             "schema": {"$ref": "http://127.0.0.1:9/schema.json"}})
@@ -179,7 +181,7 @@ def test_a_json_schema_check_with_a_remote_ref_is_refused_before_generating():
 
 def test_an_unknown_check_type_is_an_error_not_a_default():
     from lora_operator.api import GenerationCheck
-    from lora_trainer.generation import CheckConfigError, compile_check
+    from lora_trainer.evaluation.generation import CheckConfigError, compile_check
 
     check = GenerationCheck.model_construct(name="odd", type="mustRhyme", pattern="x", min_pass_rate=1.0)
     with pytest.raises(CheckConfigError, match="unknown check type 'mustRhyme'"):

@@ -6,7 +6,7 @@ runtime settings and the runtime settings never change what is trained.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -79,8 +79,6 @@ class RuntimeConfig:
     "First backoff delay; doubles per attempt, capped at 30 s."
     retry_budget_s: float = 300.0
     "Total seconds one storage call may spend retrying before the job fails (env LORA_STORAGE_RETRY_BUDGET_S)."
-    extra: dict = field(default_factory=dict)
-    "Free-form extras for the evaluation/export stages."
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir)
@@ -120,20 +118,5 @@ class RuntimeConfig:
         """Keyword arguments for `storage.open_uri`."""
         endpoint = self.s3_endpoint or (job.spec.storage.endpoint if job else None)
         return {"storage_dir": self.storage_dir, "s3_endpoint": endpoint, "pvc_root": self.pvc_root,
-                "retry_policy": {"attempts": self.retry_attempts, "base_delay": self.retry_base_delay_s,
-                                 "budget_s": self.retry_budget_s}}
-
-
-def field_help() -> dict[str, str]:
-    """Help line per RuntimeConfig field (from the docstrings under each field)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(RuntimeConfig))
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            out[node.target.id] = nxt.value.value
-    assert set(out) == {f.name for f in fields(RuntimeConfig)}, "every field needs a help line"
-    return out
+                "retry_attempts": self.retry_attempts, "retry_base_delay_s": self.retry_base_delay_s,
+                "retry_budget_s": self.retry_budget_s}

@@ -18,23 +18,23 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import identity as ident
-from . import model as modelmod
-from . import preflight, release, storage, strictjson
 from .config import Job, RuntimeConfig
-from .data import IGNORE
-from .packing import Schedule, collate_packed, collate_padded
-from .prepare import prepare_data
-from .progress import ProgressWriter, mfu, peak_memory_bytes
-from .reporting import StepReporter
-from .verify import verify_files
+from .data.packing import Schedule, collate_packed, collate_padded
+from .data.prepare import prepare_data
+from .data.records import IGNORE
+from .io import identity as ident
+from .io import preflight, release, storage, strictjson
+from .io.progress import ProgressWriter, mfu, peak_memory_bytes
+from .io.reporting import StepReporter
+from .model import checkpoint as ckpt
+from .model import loading
+from .model.lora import add_lora, param_counts
+from .model.verify import verify_files
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class LoRARecipe:
         self.progress.update(state="Preparing", force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():
-            self.base_dir = modelmod.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
-        self.tokenizer = modelmod.load_tokenizer(self.base_dir)
+            self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
+        self.tokenizer = loading.load_tokenizer(self.base_dir)
         with self.acc.local_main_process_first():
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
                                      self.spec.training.seed, **skw)
@@ -105,14 +105,16 @@ class LoRARecipe:
                              trainableFraction=self.trainable / self.total_params,
                              totalSteps=self.total_steps)
         self._maybe_resume()
+        if self.stop_requested:
+            raise Preempted("stopped by SIGTERM before training started")
 
     def _setup_model(self) -> None:
         s = self.spec
-        base = modelmod.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
+        base = loading.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
                                   self.acc.device)
-        model = modelmod.add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
+        model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
-        self.trainable, self.total_params = modelmod.param_counts(model)
+        self.trainable, self.total_params = param_counts(model)
         log.info("trainable params: %d of %d (%.4f%%)", self.trainable, self.total_params,
                  100 * self.trainable / self.total_params)
         t = s.training
@@ -344,11 +346,6 @@ class LoRARecipe:
         """
         lines = "".join(strictjson.dumps(h) + "\n" for h in self.history)
         self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
-
-    def save_adapter(self, dest: Path) -> Path:
-        """The current adapter in PEFT format (for evaluation / export)."""
-        self.acc.unwrap_model(self.model).save_pretrained(str(dest), safe_serialization=True)
-        return dest
 
     def cleanup(self) -> None:
         from accelerate.state import AcceleratorState

@@ -7,7 +7,7 @@ reference is that turn's content. (Completion data: prompt and completion as giv
 Every check sees the reply with special tokens removed and surrounding whitespace stripped:
 exactMatch compares it with the stripped reference, validJson parses it, jsonSchema parses and
 validates it (local `$ref`s only, nothing is fetched), mustMatch / mustNotMatch search it with a
-bounded engine (patterns.py: RE2, or a time limit per output). A search that runs out of time
+bounded engine (evaluation/patterns.py: RE2, or a time limit per output). A search that runs out of time
 fails the check for that output and is counted in `Score.timeouts`. An unknown check type is a
 CheckConfigError, never a default.
 """
@@ -33,6 +33,9 @@ class Sample:
     reference: str
 
 
+CheckFn = Callable[[str, str], Optional[bool]]  # (reply, reference) -> passed (None: timed out)
+
+
 class CheckConfigError(ValueError):
     """A check that can never be evaluated (bad regex, invalid JSON Schema)."""
 
@@ -44,40 +47,72 @@ def _parse_json(reply: str):
         return False, None
 
 
-def compile_check(check: GenerationCheck) -> Callable[[str, str], Optional[bool]]:
-    """``(reply, reference) -> passed`` for one check (None: the pattern search ran out of time);
-    raises CheckConfigError early on a bad or unknown check.
+def _exact_match(check: GenerationCheck) -> CheckFn:
+    return lambda reply, ref: reply.strip() == ref.strip()
+
+
+def _valid_json(check: GenerationCheck) -> CheckFn:
+    return lambda reply, ref: _parse_json(reply.strip())[0]
+
+
+def _json_schema(check: GenerationCheck) -> CheckFn:
+    try:
+        validator = offline_validator(check.json_schema)  # local $refs only: nothing is fetched
+    except PatternError as exc:
+        raise CheckConfigError(f"checks.{check.name}: {exc}") from None
+
+    def schema_ok(reply: str, ref: str) -> bool:
+        ok, value = _parse_json(reply.strip())
+        return ok and schema_valid(validator, value)
+
+    return schema_ok
+
+
+def _regex(check: GenerationCheck) -> BoundedPattern:
+    try:
+        return BoundedPattern(check.pattern or "")
+    except PatternError as exc:
+        raise CheckConfigError(f"checks.{check.name}: {exc}") from None
+
+
+def _must_match(check: GenerationCheck) -> CheckFn:
+    regex = _regex(check)
+    return lambda reply, ref: regex.search(reply.strip())  # None: ran out of time
+
+
+def _must_not_match(check: GenerationCheck) -> CheckFn:
+    regex = _regex(check)
+
+    def absent(reply: str, ref: str) -> Optional[bool]:
+        found = regex.search(reply.strip())
+        return None if found is None else not found
+
+    return absent
+
+
+# Check type (spec.evaluation.gate.checks[].type) -> compile function. A new type is one entry here,
+# one value of the API's CheckType, and its test; tests check that the two lists agree.
+CHECK_TYPES: dict[str, Callable[[GenerationCheck], CheckFn]] = {
+    "exactMatch": _exact_match,
+    "validJson": _valid_json,
+    "jsonSchema": _json_schema,
+    "mustMatch": _must_match,
+    "mustNotMatch": _must_not_match,
+}
+
+
+def compile_check(check: GenerationCheck) -> CheckFn:
+    """``(reply, reference) -> passed`` for one check (None: a pattern search ran out of time,
+    which counts as failed); raises CheckConfigError early on a bad check or an unknown type
+    (never treated as some other type).
 
     The CLI can call this for every check before training, so a typo fails in seconds, not hours.
     """
-    if check.type == "exactMatch":
-        return lambda reply, ref: reply.strip() == ref.strip()
-    if check.type == "validJson":
-        return lambda reply, ref: _parse_json(reply.strip())[0]
-    if check.type == "jsonSchema":
-        try:
-            validator = offline_validator(check.json_schema)
-        except PatternError as exc:
-            raise CheckConfigError(f"checks.{check.name}: {exc}") from None
-
-        def schema_ok(reply: str, ref: str) -> bool:
-            ok, value = _parse_json(reply.strip())
-            return ok and schema_valid(validator, value)
-
-        return schema_ok
-    if check.type not in ("mustMatch", "mustNotMatch"):
-        raise CheckConfigError(f"checks.{check.name}: unknown check type {check.type!r}")
-    try:
-        regex = BoundedPattern(check.pattern or "")
-    except PatternError as exc:
-        raise CheckConfigError(f"checks.{check.name}: {exc}") from None
-    want = check.type == "mustMatch"
-
-    def pattern_ok(reply: str, ref: str) -> Optional[bool]:
-        found = regex.search(reply.strip())
-        return None if found is None else found is want
-
-    return pattern_ok
+    compile_fn = CHECK_TYPES.get(check.type)
+    if compile_fn is None:
+        raise CheckConfigError(f"checks.{check.name}: unknown check type {check.type!r} "
+                               f"(known: {', '.join(CHECK_TYPES)})")
+    return compile_fn(check)
 
 
 @dataclass(frozen=True)
@@ -114,7 +149,7 @@ def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list
             prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
             out.append(Sample(prompt, msgs[last]["content"]))
         elif "prompt" in ex and "completion" in ex:
-            # data.encode_completion puts BOS before the prompt; generate from the same tokens.
+            # data.records.encode_completion puts BOS before the prompt; generate from the same tokens.
             out.append(Sample((tokenizer.bos_token or "") + ex["prompt"], ex["completion"]))
     return out
 
@@ -124,28 +159,3 @@ def stop_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
     return ids
-
-
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy replies (special tokens dropped) for ``prompts``, batched with left padding.
-
-    Prompts are tokenized without extra special tokens: the chat template already wrote them.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
-            )
-        replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    return replies

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import storage, strictjson
+from ..io import storage, strictjson
 from .verify import CheckpointInvalid, load_tensors, parse_manifest, strict_json, verify_files
 
 MARKER = "COMPLETE"

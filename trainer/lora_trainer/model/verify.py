@@ -16,10 +16,11 @@ it is applied, so a half-valid one never leaves half its state in the model.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ..io import strictjson
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -28,15 +29,11 @@ class CheckpointInvalid(ValueError):
     """A checkpoint whose manifest, files or contents cannot be trusted."""
 
 
-def _no_constants(name: str):
-    raise ValueError(f"non-finite number {name} in JSON")
-
-
 def strict_json(raw: bytes, where: str) -> Any:
     """Parse strict JSON (no NaN/Infinity); CheckpointInvalid naming `where` otherwise."""
     try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return strictjson.loads(raw)
+    except ValueError as exc:
         raise CheckpointInvalid(f"{where}: not valid JSON ({exc})") from None
 
 
