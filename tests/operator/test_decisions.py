@@ -73,6 +73,10 @@ POLICY_CASES = [
      {"resources.nodeSelector": {"kubernetes.io/hostname": "control-plane"}}, "spec.resources.nodeSelector"),
     ("should accept allowed nodeSelector keys", {"allowed_node_selector_keys": ("gpu.product",)},
      {"resources.nodeSelector": {"gpu.product": "H100"}}, None),
+    ("should refuse a file:// output, which would vanish with the pod", {},
+     {"output.uri": "file:///tmp/out"}, "spec.output.uri"),
+    ("should refuse a file:// dataset and name the field", {}, {"dataset.train": "file:///data/t.jsonl"},
+     "spec.dataset.train"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from .base import ApiModel, Rule, SpecError
 from .progress import (
+    EXIT_DIVERGED,
     EXIT_ERROR,
     EXIT_INVALID_INPUT,
     EXIT_PREEMPTED,

@@ -22,6 +22,7 @@ PROGRESS_FILE = "progress.json"
 EXIT_SUCCEEDED = 0  # finished; progress.json says Succeeded or Rejected (gate refused the adapter)
 EXIT_ERROR = 1  # anything unexpected: worth a retry
 EXIT_INVALID_INPUT = 2  # bad data, spec or base revision: the same input fails again, never retried
+EXIT_DIVERGED = 4  # a non-finite loss: the same spec diverges again, so no blind retry
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped after a checkpoint; the next attempt resumes
 
 TrainerState = Literal["Preparing", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Rejected",
@@ -73,6 +74,13 @@ class ArtifactsReport(ReportModel):
     metadata: Optional[Uri] = None
 
 
+class RejectedCheckpoint(ReportModel):
+    """A checkpoint found but not used on resume (manifest, digest or content check failed)."""
+
+    step: Count
+    reason: Annotated[str, Field(max_length=1024)] = ""
+
+
 class ProgressReport(ReportModel):
     """progress.json. Every field is optional to a reader; the trainer fills what it knows."""
 
@@ -96,12 +104,19 @@ class ProgressReport(ReportModel):
     dataset_hashes: Annotated[dict[Uri, Annotated[str, Field(max_length=128)]], Field(max_length=64)] = Field(
         default_factory=dict, description="{uri: sha256:<hex>} of every dataset file read.")
     skipped_lines: Optional[Count] = Field(default=None, description="Invalid lines skipped.")
+    max_seq_length: Optional[Count] = Field(default=None, description="Resolved maximum example/row length.")
+    dropped_examples: Optional[Count] = Field(default=None, description="Examples left out (too long, nothing to train).")
+    truncated_examples: Optional[Count] = Field(default=None, description="Examples cut after a whole turn.")
+    warnings: Optional[Annotated[list[Text], Field(max_length=64)]] = Field(
+        default=None, description="Reported before training, e.g. LoRA targets that miss layers.")
     trainable_params: Optional[Count] = Field(default=None, description="Trainable (LoRA) parameters.")
     trainable_fraction: Optional[Finite] = Field(default=None, description="Trainable / all parameters.")
     updated_at: Optional[Annotated[str, Field(max_length=64)]] = Field(default=None, description="RFC 3339.")
     error: Optional[Text] = Field(default=None, description="One-line error when Failed.")
     eval: Optional[EvalReport] = Field(default=None, description="Gate outcome, after evaluation.")
     artifacts: Optional[ArtifactsReport] = Field(default=None, description="Published URIs.")
+    rejected_checkpoints: Optional[Annotated[list[RejectedCheckpoint], Field(max_length=256)]] = Field(
+        default=None, description="Checkpoints found but not used on resume.")
 
 
 def _nested(annotation: Any) -> type[ReportModel] | None:

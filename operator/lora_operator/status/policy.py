@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..api import LoRATrainingJobSpec, Toleration
+from ..builders.volumes import uri_fields
 from ..config import OperatorConfig, Policy
 from . import conditions as c
 from .observed import Blocked
@@ -131,6 +132,10 @@ def _check_uris(spec: LoRATrainingJobSpec, config: OperatorConfig) -> str | None
 def check_policy(spec: LoRATrainingJobSpec, config: OperatorConfig) -> tuple[str, str] | None:
     """(PolicyViolation, message naming the field) when the cluster policy refuses this spec."""
     policy: Policy = config.policy
+    for field, value in uri_fields(spec):
+        if value.startswith("file://"):
+            return c.POLICY_VIOLATION, (f"{field}: {value} is a file:// URI, which is for the local "
+                                        "CLI only (a pod's files vanish with it); use s3:// or pvc://")
     refused = _check_uris(spec, config) or _check_placement(spec, policy)
     if refused:
         return c.POLICY_VIOLATION, refused

@@ -1,8 +1,7 @@
 """progress.json: how the trainer reports to the operator (which mirrors it into status).
 
 The schema, the states and the exit codes are `lora_operator.api.progress` (the one definition both
-sides use); this module writes it: through `ProgressReport`, as strict JSON (a NaN or infinite
-value is written as null, never as `NaN`).
+sides use); this module writes it through `ProgressReport`.
 
 Written to `<output.uri>/progress.json` by rank 0 only: on every state change, and otherwise at
 most once per LORA_PROGRESS_INTERVAL_S (default 10 s). The write replaces the whole object.
@@ -26,7 +25,11 @@ Schema (camelCase; every key is always present, unknown values are null):
   bestCheckpoint    URI of the complete checkpoint with the lowest evalLoss (str)
   bestEvalLoss      its evalLoss (float)
   datasetHashes     {uri: "sha256:<hex>"} of every dataset file read
-  skippedLines      invalid lines skipped (onInvalidLine: skip) (int)
+  skippedLines      invalid lines skipped (onInvalidLine: skip), records the template refused included (int)
+  maxSeqLength      the resolved maximum example / packed row length (int)
+  droppedExamples   examples left out: longer than maxSeqLength, or nothing to train (int)
+  truncatedExamples examples cut after their last whole assistant turn (onOverlong: truncate) (int)
+  warnings          reported before training, e.g. LoRA targets that miss some linear layers (list of str)
   trainableParams   trainable (LoRA) parameters (int)
   trainableFraction trainable / all parameters (float)
   attempt           attempt number (LORA_ATTEMPT, from 1) (int)
@@ -35,6 +38,11 @@ Schema (camelCase; every key is always present, unknown values are null):
   eval              gate outcome {verdict, reasons, results} in the shape of status.evaluation,
                     set after evaluation (evaluation.scoring.progress_eval)
   artifacts         {adapter, merged, eval, metadata} URIs once published
+  rejectedCheckpoints [{step, reason}] checkpoints found but not used on resume (manifest, digest
+                    or content check failed; see checkpoint.py)
+
+Strict JSON: a number that is not finite (a NaN loss) is written as null (strictjson.py); a field
+the contract refuses (too long, wrong type) is logged and written as null.
 
 MFU counts 4 x N + 2 x trainable FLOPs per token (= 6 x trainable + 4 x frozen parameters):
 forward 2N for every weight, backward 2N for the activation gradients through every weight and
@@ -44,9 +52,7 @@ forward 2N for every weight, backward 2N for the activation gradients through ev
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -59,6 +65,8 @@ import torch
 
 from lora_operator.api import TRAINER_STATES, ProgressReport, read_report
 
+from . import strictjson
+
 log = logging.getLogger(__name__)
 
 STATES = TRAINER_STATES
@@ -66,28 +74,15 @@ FIELDS = tuple(f.alias or name for name, f in ProgressReport.model_fields.items(
 MAX_ERROR = 4000  # the contract keeps errors short; the log has them whole
 
 
-def _finite(value):
-    """NaN and infinities become None (JSON has no such numbers), inside lists and dicts too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def report_json(data: dict) -> bytes:
-    """The report as strict JSON with every key; a field the contract refuses is logged and
-    written as null rather than handed to the operator."""
-    data = _finite(data)
+    """The report as strict JSON with every key, through the api contract."""
+    data = strictjson.finite(data)
     if isinstance(data.get("error"), str):
         data["error"] = data["error"][:MAX_ERROR]
     report, problems = read_report(data)
     for problem in problems:
         log.warning("progress.json: %s", problem)
-    body = report.model_dump(by_alias=True, mode="json")
-    return json.dumps(body, sort_keys=True, allow_nan=False).encode()
+    return strictjson.dump_bytes(report.model_dump(by_alias=True, mode="json"), sort_keys=True)
 
 
 def now_rfc3339() -> str:
@@ -145,7 +140,7 @@ def write_termination_message(path: Path, data: dict) -> None:
     if summary.get("error"):
         summary["error"] = str(summary["error"])[:2000]
     try:
-        Path(path).write_text(json.dumps(_finite(summary), sort_keys=True, allow_nan=False) + "\n")
+        Path(path).write_text(strictjson.dumps(summary, sort_keys=True) + "\n")
     except OSError:
         pass
 
