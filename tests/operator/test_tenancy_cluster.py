@@ -229,7 +229,9 @@ def test_should_name_a_missing_secret_and_start_when_it_appears(cluster, namespa
 
 def test_should_name_a_missing_secret_from_the_pod_without_secret_access(cluster, namespace, api, storage,
                                                                          operator_factory):
-    operator_factory(LORA_READ_JOB_SECRETS="false")
+    # The chart's default: the operator's own read-only keys, no `get secrets`.
+    operator_factory(LORA_READ_JOB_SECRETS="false", LORA_S3_ACCESS_KEY_ID=cluster.s3_access_key,
+                     LORA_S3_SECRET_ACCESS_KEY=cluster.s3_secret_key)
     apply(api, namespace, storage, annotations={"fake-trainer/steps": "1"}, **{"storage.secretName": "team-s3"})
 
     def waiting():
