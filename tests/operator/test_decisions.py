@@ -170,6 +170,18 @@ def test_should_classify_trainer_exit_2_as_invalid_input():
     assert "train.jsonl:7" in failure.message
 
 
+def test_should_not_retry_a_trainer_that_diverged():
+    from lora_operator.status.attempts import final_failure_reason
+    from lora_operator.status.jobs import pod_failure
+
+    pod = {"status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 4, "reason": "Error", "message": "loss is nan at step 12"}}}]}}
+    failure = pod_failure(pod)
+    assert (failure.reason, failure.exit_code) == (c.DIVERGED, 4)
+    attempts = [{"index": 1, "outcome": "Failed", "reason": failure.reason, "exitCode": 4}]
+    assert final_failure_reason(attempts, max_retries=3) == c.DIVERGED
+
+
 def test_should_count_failures_recorded_in_status_for_jobs_no_longer_there():
     previous = [{"index": 1, "outcome": "Failed"}]
     assert plan([view(2, "Failed")], previous, suspend=False, max_retries=1, kueue_managed=False).start_attempt is None

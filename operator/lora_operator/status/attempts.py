@@ -40,10 +40,11 @@ def failed_count(attempts: Iterable[Mapping[str, Any]]) -> int:
 def final_failure_reason(attempts: list[Mapping[str, Any]], max_retries: int) -> str | None:
     """Why no further attempt may start after a failed one, or None when one may.
 
-    Invalid input (trainer exit 2) is final at once: retrying the same data cannot help.
+    Invalid input (trainer exit 2) and divergence (exit 4) are final at once: a retry of the same
+    data and spec cannot help.
     """
-    if attempts and attempts[-1].get("reason") == c.INVALID_INPUT:
-        return c.INVALID_INPUT
+    if attempts and attempts[-1].get("reason") in (c.INVALID_INPUT, c.DIVERGED):
+        return attempts[-1]["reason"]
     if failed_count(attempts) > max_retries:
         return c.BACKOFF_LIMIT_EXCEEDED
     return None

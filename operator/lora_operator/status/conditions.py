@@ -51,6 +51,7 @@ COMPLETED = "Completed"
 NOTHING_PUBLISHED = "NothingPublished"  # exit 0 without a gate verdict or without published artifacts
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 INVALID_INPUT = "InvalidInput"  # the trainer refused its data, spec or base model (exit 2)
+DIVERGED = "Diverged"  # the training loss became non-finite (exit 4): the same spec diverges again
 IN_PROGRESS = "InProgress"
 NOT_STARTED = "NotStarted"
 NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object this job does not own
@@ -64,7 +65,7 @@ TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 # Reasons worth a Warning event when their condition becomes True (or Admitted becomes False).
 WARNING_REASONS = frozenset({
     INVALID_SPEC, POLICY_VIOLATION, QUOTA_EXCEEDED, KUEUE_NOT_INSTALLED, MAX_RUNNING_JOBS,
-    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, NOTHING_PUBLISHED, RETRYING, PREEMPTED, NAME_CONFLICT,
+    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, NOTHING_PUBLISHED, RETRYING, PREEMPTED, NAME_CONFLICT, DIVERGED,
     SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR,
 })
 

@@ -81,8 +81,9 @@ def _core_conditions(obs: Observed, attempts: list[dict[str, Any]], carried: Map
         return _finished(obs, carried, evaluated)
     final = final_failure_reason(attempts, obs.max_retries) if current and current.outcome == "Failed" else None
     if final:
-        why = "not retried: the same input fails again" if final == c.INVALID_INPUT else \
-            f"no retries left (maxRetries={obs.max_retries})"
+        why = {c.INVALID_INPUT: "not retried: the same input fails again",
+               c.DIVERGED: "not retried: the same spec diverges again (try a lower learning rate)"}.get(
+            final, f"no retries left (maxRetries={obs.max_retries})")
         message = f"{describe_failure(attempts[-1])}; {why}"
         return _terminal_failure(final, message, admitted=_admitted(obs), evaluated=evaluated)
     return _in_progress(obs, attempts, evaluated)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..api import EXIT_INVALID_INPUT, EXIT_PREEMPTED
+from ..api import EXIT_DIVERGED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
 from ..builders import LABEL_ATTEMPT
 from . import conditions as c
 from .observed import Failure, JobView
@@ -61,6 +61,8 @@ def pod_failure(pod: Mapping[str, Any]) -> Failure:
         return Failure(c.PREEMPTED, code, message)
     if code == EXIT_INVALID_INPUT:
         return Failure(c.INVALID_INPUT, code, message)
+    if code == EXIT_DIVERGED:
+        return Failure(c.DIVERGED, code, message)
     return Failure(term.get("reason") or status.get("reason") or c.ERROR, code, message)
 
 
