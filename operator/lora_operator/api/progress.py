@@ -53,6 +53,7 @@ class CheckReport(ReportModel):
     name: Annotated[str, Field(min_length=1, max_length=256)]
     base: Optional[Finite] = None
     adapter: Optional[Finite] = None
+    champion: Optional[Finite] = None  # the channel's live adapter, when the gate compares against one
     threshold: Optional[Annotated[str, Field(max_length=256)]] = None
     passed: Optional[bool] = None
 
