@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_binaries
+import localcluster_kueue as kueue
 import localcluster_pki as pki
 import localcluster_proc as proc
 
@@ -57,7 +58,8 @@ CONTROLLERS = ",".join(f"{c}-controller" for c in [
 ])  # deliberately no node-lifecycle-controller: it would taint our fake node
 # Components in start order; `down` stops them in reverse.
 COMPONENTS = ("etcd", "s3", "kube-apiserver", "kube-controller-manager", "podrunner")
-STOP_TIMEOUT = {"s3": 3.0, "kube-apiserver": 5.0, "podrunner": 15.0}
+OPTIONAL = ("kueue",)  # started when state.json says so (`up --kueue` sets it; it sticks)
+STOP_TIMEOUT = {"s3": 3.0, "kube-apiserver": 5.0, "podrunner": 15.0, "kueue": 10.0}
 
 
 def log(msg: str) -> None:
@@ -70,7 +72,8 @@ def log(msg: str) -> None:
 PORTS = {"etcd": ("etcd", "etcd_peer"),
          "s3": ("s3", "s3_grpc", "weed_master", "weed_master_grpc", "weed_volume", "weed_volume_grpc",
                 "weed_filer", "weed_filer_grpc"),
-         "kube-apiserver": ("apiserver",)}
+         "kube-apiserver": ("apiserver",),
+         "kueue": kueue.PORTS}
 PORT_NAMES = tuple(p for ports in PORTS.values() for p in ports)
 
 
@@ -138,7 +141,12 @@ def signature(component: str) -> str:
             "s3": f"-dir={LOCAL / 's3'}",
             "kube-apiserver": f"--tls-cert-file={LOCAL / 'pki' / 'apiserver.crt'}",
             "kube-controller-manager": f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}",
-            "podrunner": f"--work-dir={LOCAL / 'pods'}"}[component]
+            "podrunner": f"--work-dir={LOCAL / 'pods'}",
+            "kueue": f"--config={LOCAL / 'kueue' / 'config.yaml'}"}[component]
+
+
+def components(st: dict) -> tuple[str, ...]:
+    return COMPONENTS + (("kueue",) if st.get("kueue") else ())
 
 
 def recorded(name: str) -> proc.Proc | None:
@@ -245,7 +253,7 @@ def _get(url: str, token: str | None = None, timeout: float = 2.0) -> tuple[int,
 # Which component a failing health check points at.
 CHECK_COMPONENT = {"s3": "s3", "apiserver /readyz": "kube-apiserver",
                    "default serviceaccount": "kube-controller-manager",
-                   f"node {NODE_NAME} Ready": "podrunner"}
+                   f"node {NODE_NAME} Ready": "podrunner", "kueue /readyz": "kueue"}
 
 
 def checks(st: dict, procs: dict[str, proc.Proc] | None = None) -> dict[str, bool]:
@@ -261,7 +269,9 @@ def checks(st: dict, procs: dict[str, proc.Proc] | None = None) -> dict[str, boo
     ready = code == 200 and any(c["type"] == "Ready" and c["status"] == "True"
                                 for c in json.loads(body).get("status", {}).get("conditions", []))
     out[f"node {NODE_NAME} Ready"] = ready
-    for name in COMPONENTS:
+    if st.get("kueue"):
+        out["kueue /readyz"] = _get(f"http://127.0.0.1:{st['ports']['kueue_health']}/readyz")[0] == 200
+    for name in components(st):
         p = procs.get(name) if procs is not None else recorded(name)
         out[f"process {name}"] = p is not None and p.alive()
     return out
@@ -302,6 +312,8 @@ ATTEMPTS = 2
 
 def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if args.kueue:
+        save_state({**load_state(), "kueue": True})
     if (LOCAL / "state.json").exists() and all(checks(load_state()).values()):
         log(f"already up ({time.monotonic() - started:.1f}s); KUBECONFIG={LOCAL / 'kubeconfig'}")
         return 0
@@ -310,6 +322,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             (Path(os.environ["KUBEBUILDER_ASSETS"]) / b).is_file() for b in build_binaries.BINARIES):
         subprocess.run([sys.executable, str(Path(__file__).parent / "build_binaries.py")], check=True)
     st = load_state()
+    if st.get("kueue"):
+        subprocess.run([sys.executable, str(Path(__file__).parent / "build_binaries.py"), "--kueue"], check=True)
     pki.ensure(LOCAL / "pki", st, NODE_NAME)
     write_client_files(st)
     # A signal to `up` itself must not leave half a stack behind.
@@ -320,6 +334,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             start_components(st, procs, time.monotonic() + args.timeout)
             wait_healthy(st, procs, time.monotonic() + args.timeout)
+            if st.get("kueue"):
+                apply_sample_queues(time.monotonic() + args.timeout)
         except proc.StartError as e:
             log(f"attempt {attempt}/{ATTEMPTS}: {e}")
             stop_all(procs)
@@ -355,11 +371,36 @@ def start_components(st: dict, procs: dict[str, proc.Proc], deadline: float) -> 
     start("kube-controller-manager", controller_manager_argv)
     start("podrunner", podrunner_argv,
           env=dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"])))
+    if st.get("kueue"):
+        claim_ports(st, "kueue")
+        install_kueue(st)
+        start("kueue", kueue_argv, env=dict(os.environ, KUBECONFIG=str(LOCAL / "kubeconfig")))
+
+
+# ---------------------------------------------------------------- Kueue (hack/localcluster_kueue.py)
+
+def kubectl(*args: str, input: str | None = None, timeout: float = 120) -> None:
+    cmd = [find_binary("kubectl"), f"--kubeconfig={LOCAL / 'kubeconfig'}", *args]
+    done = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode:
+        raise proc.StartError("kueue", f"kubectl {' '.join(args[:3])} failed: {done.stderr.strip()[-2000:]}")
+
+
+def install_kueue(st: dict) -> None:
+    kueue.install(LOCAL, st["ports"], build_binaries.kueue_source(), kubectl)
+
+
+def kueue_argv(st: dict) -> list[str]:
+    return [str(build_binaries.kueue_bin()), signature("kueue")]
+
+
+def apply_sample_queues(deadline: float) -> None:
+    kueue.apply_with_retry(kubectl, REPO / "examples" / "kueue" / "queues.yaml", deadline, proc.StartError)
 
 
 def stop_all(procs: dict[str, proc.Proc]) -> None:
     """Stop what this attempt started, newest first, each with its whole process group."""
-    for name in reversed(COMPONENTS):
+    for name in reversed(COMPONENTS + OPTIONAL):
         if name in procs:
             procs[name].stop(STOP_TIMEOUT.get(name, 10.0), log=log)
             (LOCAL / "pids" / f"{name}.pid").unlink(missing_ok=True)
@@ -383,7 +424,7 @@ def read_s3_env(path: Path | None = None) -> dict[str, str]:
 def stop_recorded() -> list[str]:
     """Stop each component its pid file names; returns the problems (survivors)."""
     problems = []
-    for name in reversed(COMPONENTS):
+    for name in reversed(COMPONENTS + OPTIONAL):
         p = recorded(name)
         if p is not None and p.ours():
             try:
@@ -411,11 +452,11 @@ def stop_pod_processes() -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     problems = stop_recorded()
     stop_pod_processes()
-    leftovers = proc.with_argument({signature(name) for name in COMPONENTS})
+    leftovers = proc.with_argument({signature(name) for name in COMPONENTS + OPTIONAL})
     if leftovers:  # e.g. started by an `up` whose pid files were lost or overwritten
         proc.stop_leftovers(leftovers, log=log)
     if args.purge:
-        for sub in ("etcd", "s3", "pods", "pvcs", "pki", "logs", "pids", "sessions"):
+        for sub in ("etcd", "s3", "pods", "pvcs", "pki", "logs", "pids", "sessions", "kueue"):
             shutil.rmtree(LOCAL / sub, ignore_errors=True)
         for f in ("state.json", "kubeconfig", "kube-controller-manager.kubeconfig", "s3.env",
                   "s3-identities.json"):
@@ -457,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the local cluster (no-op when already healthy)")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+    up.add_argument("--kueue", action="store_true",
+                    help="also install and run Kueue (hack/localcluster_kueue.py); stays on for later `up`s")
     up.set_defaults(func=locked(cmd_up))
     down = sub.add_parser("down", help="stop the local cluster")
     down.add_argument("--purge", action="store_true", help="also delete its state in .local/")
