@@ -76,7 +76,8 @@ def test_should_run_two_jobs_one_after_the_other_on_a_quota_of_one_gpu(cluster, 
     second = wait_for(lambda: (s := get(api, namespace, "second").get("status") or {}).get("phase") == "Queued"
                       and INSUFFICIENT in message(s, "Admitted") and s, 60, "second Queued with Kueue's reason")
     assert conditions(second)["Admitted"] == ("False", "Queued")
-    shown = cluster.kubectl("get", "ltj", "second", "-n", namespace).stdout
+    shown = cluster.kubectl("get", "ltj", "-n", namespace).stdout
+    print(shown)
     assert "Queued" in shown and INSUFFICIENT in shown, shown  # the Admission column
     first = wait_phase(api, namespace, "Succeeded", name="first", timeout=90)
     second = wait_phase(api, namespace, "Succeeded", name="second", timeout=90)
