@@ -230,6 +230,16 @@ def podrunner_python() -> str:
     return sys.executable
 
 
+def podrunner_env(st: dict) -> dict[str, str]:
+    """Pods run this checkout's code, as the operator does: PYTHONPATH (a worktree in front of a
+    shared editable install) passes through to them."""
+    passenv = [n for n in os.environ.get("LORA_PODRUNNER_PASSENV", "").split(",") if n]
+    if os.environ.get("PYTHONPATH") and "PYTHONPATH" not in passenv:
+        passenv.append("PYTHONPATH")
+    return dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"]),
+                LORA_PODRUNNER_PASSENV=",".join(passenv))
+
+
 def podrunner_argv(st: dict) -> list[str]:
     python = podrunner_python()
     return [python, str(REPO / "hack" / "podrunner.py"), f"--kubeconfig={LOCAL / 'kubeconfig'}",
@@ -370,8 +380,7 @@ def start_components(st: dict, procs: dict[str, proc.Proc], deadline: float) -> 
     url = f"https://127.0.0.1:{st['ports']['apiserver']}/readyz"
     wait_for(api, lambda: _get(url, st["admin_token"])[0] == 200, deadline)
     start("kube-controller-manager", controller_manager_argv)
-    start("podrunner", podrunner_argv,
-          env=dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"])))
+    start("podrunner", podrunner_argv, env=podrunner_env(st))
     if st.get("kueue"):
         claim_ports(st, "kueue")
         install_kueue(st)
