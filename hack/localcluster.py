@@ -2,6 +2,7 @@
 """A real, local Kubernetes control plane for development and tests (dev tooling, not product).
 
     python hack/localcluster.py up       # build binaries if needed, start, wait until healthy
+    python hack/localcluster.py up --kueue   # ... plus real Kueue (localcluster_kueue.py); sticks until --purge
     python hack/localcluster.py status   # exit 0 when everything is up and healthy
     python hack/localcluster.py down     # stop everything started by `up` (idempotent)
     python hack/localcluster.py down --purge   # ... and delete the cluster state in .local/
