@@ -3,6 +3,8 @@
 Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted config):
   fake-trainer/steps         optimizer steps (default 5), one every fake-trainer/step-seconds (0.2)
   fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
+  fake-trainer/adapter-loss  held-out loss of the "adapter" (default 1.2; base is 2.1)
+Publishes adapter/ and, last, lora-metadata.json (runId, baseModel, artifacts, eval) like the trainer.
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -91,15 +93,22 @@ def main():
             terminate({"state": "Failed", "error": "injected failure"}, 3)
     write(state="Evaluating")
     passed = outcome != "reject"
+    loss = float(notes.get("fake-trainer/adapter-loss", "1.2")) if passed else 1.9
     write(eval={"verdict": "Passed" if passed else "Failed",
                 "reasons": [] if passed else ["evalLoss 1.90 > maxEvalLoss 1.50"],
-                "results": [{"name": "evalLoss", "base": 2.1, "adapter": 1.2 if passed else 1.9,
+                "results": [{"name": "evalLoss", "base": 2.1, "adapter": loss,
                              "threshold": "<= 1.5", "passed": passed}]})
     if not passed:
         write(state="Rejected")
         terminate({"state": "Rejected"}, 0)
     write(state="Exporting")
     store.put("adapter/adapter_config.json", b"{}")
+    artifacts = {"adapter": store.uri("adapter"), "merged": None, "metadata": store.uri("lora-metadata.json")}
+    store.put("lora-metadata.json", json.dumps({
+        "schemaVersion": 1, "runId": f"{config['metadata']['name']}-{config['metadata'].get('uid', '')[:8]}",
+        "baseModel": config["spec"]["baseModel"], "artifacts": artifacts,
+        "eval": {"base": {"loss": 2.1}, "adapter": {"loss": loss}, "gate": {"verdict": "Passed"}},
+    }).encode())
     write(state="Succeeded", artifacts={"adapter": store.uri("adapter"), "metadata": store.uri("lora-metadata.json")})
     terminate({"state": "Succeeded", "step": steps}, 0)
 

@@ -98,6 +98,15 @@ def test_should_see_the_job_live_only_when_the_pointer_names_it_and_the_run_is_t
     assert not ch.is_live(spec, None, job(name="v1", uid="uid-v1"))
 
 
+def test_should_roll_back_to_a_deleted_job_only_from_history_on_the_served_revision():
+    pointer = next_pointer("ns/prod", next_pointer("ns/prod", None, record("v1"), 5), record("v2", "run-2"), 5)
+    assert ch.from_history(channel_spec(jobName="v1"), pointer).run_id == "run-1"
+    assert ch.from_history(channel_spec(jobName="v0"), pointer) is None, "never promoted here"
+    other = channel_spec(jobName="v1", baseModel={"uri": "s3://models/base", "revision": OTHER_REV})
+    assert ch.from_history(other, pointer) is None, "the fleet moved to another base"
+    assert ch.from_history(channel_spec(jobName="v1"), None) is None
+
+
 def test_should_keep_previous_pointers_newest_first_up_to_the_history_limit():
     pointer = None
     for n in range(1, 5):

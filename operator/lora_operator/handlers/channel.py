@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..api import LoRATrainingJobSpec, SpecError, parse_spec
-from ..api.channel import ChannelPointer, LoRAAdapterChannelSpec, parse_channel_spec
-from ..builders.pointer import build_record, next_pointer, pointer_uri
+from ..api.channel import ChannelPointer, LoRAAdapterChannelSpec, PromotionRecord, parse_channel_spec
+from ..builders.pointer import adapter_id, build_record, next_pointer, pointer_uri
 from ..builders.syncer import ChannelServing, build_syncer_configmap, is_ours
 from ..clients.kube import KubeClient, now_rfc3339
 from ..clients.storage import ProgressStore, StorageError
@@ -74,6 +74,11 @@ class ChannelReconciler:
         job = self.kube.get_ltj(namespace, spec.job_name)
         if ch.is_live(spec, pointer, job):
             return pointer, None
+        earlier = ch.from_history(spec, pointer) if job is None else None
+        if earlier is not None:
+            vllm_id = adapter_id(spec, body["metadata"]["name"], spec.job_name) if spec.vllm else None
+            record = earlier.model_copy(update={"promoted_at": self.clock(), "adapter_id": vllm_id})
+            return self._publish(body, spec, pointer, uri, record)
         refusal = ch.check_job(spec, job)
         if refusal:
             return pointer, refusal
@@ -87,6 +92,11 @@ class ChannelReconciler:
         if refusal:
             return pointer, refusal
         record = build_record(spec, body["metadata"]["name"], job, meta, metadata_uri, self.clock())
+        return self._publish(body, spec, pointer, uri, record)
+
+    def _publish(self, body: dict[str, Any], spec: LoRAAdapterChannelSpec, pointer: ChannelPointer | None,
+                 uri: str, record: PromotionRecord) -> tuple[ChannelPointer | None, Refusal | None]:
+        namespace = body["metadata"]["namespace"]
         new = next_pointer(f"{namespace}/{body['metadata']['name']}", pointer, record, spec.history_limit)
         try:
             self._root_write(uri, new.to_wire())

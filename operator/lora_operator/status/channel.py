@@ -132,6 +132,16 @@ def is_live(spec: LoRAAdapterChannelSpec, pointer: ChannelPointer | None, job: M
     return job is None or uid == pointer.live.job_uid
 
 
+def from_history(spec: LoRAAdapterChannelSpec, pointer: ChannelPointer | None) -> PromotionRecord | None:
+    """A rollback to a job that is gone (GitOps tools prune the old LoRATrainingJob when a new name
+    is committed): its record in the pointer history was checked when it was first promoted, and its
+    artifacts are kept on delete, so it can be served again while it is within historyLimit."""
+    if pointer is None:
+        return None
+    return next((r for r in pointer.history if r.job_name == spec.job_name
+                 and r.base_model.revision == spec.base_model.revision), None)
+
+
 @dataclass(frozen=True)
 class ChannelObserved:
     generation: int | None
