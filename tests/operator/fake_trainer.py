@@ -5,6 +5,9 @@ Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted 
   fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
   fake-trainer/adapter-loss  held-out loss of the "adapter" (default 1.2; base is 2.1)
 Publishes adapter/ and, last, lora-metadata.json (runId, baseModel, artifacts, eval) like the trainer.
+With `champion:` in its config (spec.evaluation.gate.champion resolved by the operator) it takes the
+champion's held-out loss from the champion's lora-metadata.json and rejects an adapter that is worse
+than champion x (1 + maxLossIncrease), as the real gate does.
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -57,6 +60,16 @@ def terminate(summary, code):
     sys.exit(code)
 
 
+def champion_loss(champion):
+    """The champion's held-out loss, from its lora-metadata.json (the real trainer re-scores it)."""
+    if not champion or not champion.get("metadata"):
+        return None
+    url = urlparse(champion["metadata"])
+    client = Store(f"s3://{url.netloc}/").client
+    meta = json.loads(client.get_object(url.netloc, url.path.lstrip("/")).read())
+    return meta["eval"]["adapter"]["loss"]
+
+
 def main():
     with open(sys.argv[-1]) as fh:
         config = yaml.safe_load(fh)
@@ -94,10 +107,18 @@ def main():
     write(state="Evaluating")
     passed = outcome != "reject"
     loss = float(notes.get("fake-trainer/adapter-loss", "1.2")) if passed else 1.9
-    write(eval={"verdict": "Passed" if passed else "Failed",
-                "reasons": [] if passed else ["evalLoss 1.90 > maxEvalLoss 1.50"],
-                "results": [{"name": "evalLoss", "base": 2.1, "adapter": loss,
-                             "threshold": "<= 1.5", "passed": passed}]})
+    reasons = [] if passed else ["evalLoss 1.90 > maxEvalLoss 1.50"]
+    results = [{"name": "evalLoss", "base": 2.1, "adapter": loss, "threshold": "<= 1.5", "passed": passed}]
+    champion = champion_loss(config.get("champion"))
+    if champion is not None:
+        limit = champion * (1 + config["spec"]["evaluation"]["gate"]["champion"]["maxLossIncrease"])
+        results[0]["champion"] = champion
+        results.append({"name": "championLoss", "base": 2.1, "adapter": loss, "champion": champion,
+                        "threshold": f"<= champion x {limit / champion:g}", "passed": loss <= limit})
+        if loss > limit:
+            passed = False
+            reasons.append(f"championLoss: {loss:.4f} vs <= {limit:.4f}")
+    write(eval={"verdict": "Passed" if passed else "Failed", "reasons": reasons, "results": results})
     if not passed:
         write(state="Rejected")
         terminate({"state": "Rejected"}, 0)
@@ -107,7 +128,8 @@ def main():
     store.put("lora-metadata.json", json.dumps({
         "schemaVersion": 1, "runId": f"{config['metadata']['name']}-{config['metadata'].get('uid', '')[:8]}",
         "baseModel": config["spec"]["baseModel"], "artifacts": artifacts,
-        "eval": {"base": {"loss": 2.1}, "adapter": {"loss": loss}, "gate": {"verdict": "Passed"}},
+        "eval": {"base": {"loss": 2.1}, "adapter": {"loss": loss}, "gate": {"verdict": "Passed"},
+                 **({"champion": {"loss": champion}} if champion is not None else {})},
     }).encode())
     write(state="Succeeded", artifacts={"adapter": store.uri("adapter"), "metadata": store.uri("lora-metadata.json")})
     terminate({"state": "Succeeded", "step": steps}, 0)

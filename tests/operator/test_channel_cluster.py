@@ -121,9 +121,12 @@ class Platform:
         self.spec_dict = spec_dict
         self.custom, self.core = kube
 
-    def train(self, name, revision=REV, **annotations):
-        spec = self.spec_dict(**{"output.uri": f"s3://{self.s3.bucket}/{name}", "baseModel.revision": revision,
-                            "resources.gpus": 1})
+    def train(self, name, revision=REV, champion=None, **annotations):
+        overrides = {"output.uri": f"s3://{self.s3.bucket}/{name}", "baseModel.revision": revision,
+                     "resources.gpus": 1}
+        if champion:
+            overrides["evaluation.gate.champion"] = {"channel": champion}
+        spec = self.spec_dict(**overrides)
         notes = {"fake-trainer/steps": "1", "fake-trainer/step-seconds": "0.05",
                  **{f"fake-trainer/{k.replace('_', '-')}": v for k, v in annotations.items()}}
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, JOBS, {
@@ -240,3 +243,24 @@ def test_should_refuse_a_run_on_another_base_revision(platform):
     promoted = next(c for c in status["conditions"] if c["type"] == "Promoted")
     assert promoted["reason"] == "BaseRevisionMismatch" and "not portable" in promoted["message"]
     assert platform.pointer() is None and not status.get("live")
+
+
+def test_should_reject_a_passing_job_that_is_worse_than_the_champion(platform):
+    platform.train("champ", adapter_loss="1.2")
+    platform.wait_job("champ", "Succeeded")
+    platform.channel("champ")
+    platform.wait_channel(_live("champ"), "champ live")
+    platform.train("worse", champion="production", adapter_loss="1.3")  # beats the base (2.1), not the champion
+    platform.train("better", champion="production", adapter_loss="1.1")
+    platform.wait_job("worse", "Rejected")
+    worse = platform.custom.get_namespaced_custom_object(GROUP, VERSION, platform.namespace, JOBS, "worse")
+    assert worse["status"]["evaluation"]["reasons"] == ["championLoss: 1.3000 vs <= 1.2000"]
+    row = worse["status"]["evaluation"]["results"][0]
+    assert (row["base"], row["champion"], row["adapter"]) == (2.1, 1.2, 1.3), "three columns"
+    platform.wait_job("better", "Succeeded")
+    platform.point_to("worse")
+    platform.wait_channel(lambda s: s.get("phase") == "Refused", "worse refused")
+    platform.point_to("better")
+    status = platform.wait_channel(_live("better"), "better live")
+    assert "(champion 1.2000)" in status["live"]["evalSummary"]
+    assert platform.syncer() == (["support-better"], ["support-champ"])

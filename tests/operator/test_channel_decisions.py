@@ -178,3 +178,37 @@ def test_should_say_what_a_promotion_replaced():
     event = ch.promotion_event(record("v2", "run-2"), record("v1", "run-1"))
     assert event.reason == "Promoted" and "replaced run run-1 of v1" in event.message
     assert "first promotion" in ch.promotion_event(record("v1"), None).message
+
+
+@pytest.mark.parametrize("case, body, expect", [
+    ("should say when the channel does not exist", None, "not found"),
+    ("should say when nothing is live yet", {"status": {}}, "serves no adapter yet"),
+    ("should not compare across base revisions",
+     {"status": {"live": {"adapter": "s3://x/a", "baseModel": {"revision": OTHER_REV}}}}, "serves base revision"),
+])
+def test_should_resolve_no_champion_and_say_why(case, body, expect):
+    got = ch.resolve_champion("production", body, REV)
+    assert set(got) == {"channel", "missing"} and expect in got["missing"], case
+
+
+def test_should_resolve_the_live_adapter_of_the_channel_as_champion():
+    live = {"runId": "run-1", "jobName": "v1", "adapter": "s3://x/v1/adapter", "metadata": "s3://x/v1/lora-metadata.json",
+            "baseModel": {"uri": "s3://models/base", "revision": REV}}
+    assert ch.resolve_champion("production", {"status": {"live": live}}, REV) == {
+        "channel": "production", "runId": "run-1", "jobName": "v1", "adapter": "s3://x/v1/adapter",
+        "metadata": "s3://x/v1/lora-metadata.json"}
+
+
+def test_should_hand_the_champion_to_the_trainer_outside_the_user_spec(owner, make_spec):
+    import yaml
+
+    from lora_operator.builders import build_configmap
+
+    spec = make_spec(**{"evaluation.gate.champion": {"channel": "production"}})
+    champion = {"channel": "production", "runId": "run-1", "adapter": "s3://x/v1/adapter"}
+    manifest = yaml.safe_load(build_configmap(owner, spec, image="img", endpoint=None, champion=champion)["data"]["job.yaml"])
+    assert manifest["champion"] == champion
+    assert manifest["spec"]["evaluation"]["gate"]["champion"] == {
+        "channel": "production", "maxLossIncrease": 0.0, "maxRegressionLossIncrease": 0.0, "maxPassRateDrop": 0.0}
+    plain = yaml.safe_load(build_configmap(owner, make_spec(), image="img", endpoint=None)["data"]["job.yaml"])
+    assert "champion" not in plain

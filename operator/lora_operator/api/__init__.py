@@ -25,6 +25,7 @@ from .spec import (
     ALL_LINEAR,
     MUTABLE_SPEC_FIELDS,
     BaseModelRef,
+    ChampionGate,
     DatasetSpec,
     EvaluationSpec,
     GateSpec,

@@ -216,3 +216,23 @@ def channel_events(old: Iterable[Mapping[str, Any]] | None, new: Iterable[Mappin
         elif cond["type"] == SYNCER_UPDATED and cond["status"] == c.TRUE:
             events.append(Event("Normal", SYNCER_UPDATED, cond.get("message", "")[:1024]))
     return events
+
+
+def resolve_champion(channel: str, body: Mapping[str, Any] | None, revision: str) -> dict[str, Any]:
+    """The champion a job's gate compares with, for the trainer's config (`champion:` in job.yaml).
+
+    Taken from the channel's operator-written status when the job starts. No live adapter, or one on
+    another base revision (not comparable on this base), gives `{channel, missing}`: the trainer
+    reports "no champion" instead of failing, so the first promotion of a channel is possible.
+    """
+    if body is None:
+        return {"channel": channel, "missing": f"LoRAAdapterChannel {channel} not found"}
+    live = (body.get("status") or {}).get("live") or {}
+    if not live.get("adapter"):
+        return {"channel": channel, "missing": f"channel {channel} serves no adapter yet"}
+    live_revision = (live.get("baseModel") or {}).get("revision")
+    if live_revision != revision:
+        return {"channel": channel, "missing": f"channel {channel} serves base revision {live_revision}, "
+                                               f"the job trains on {revision}"}
+    return {"channel": channel, "runId": live.get("runId"), "jobName": live.get("jobName"),
+            "adapter": live["adapter"], "metadata": live.get("metadata")}
