@@ -147,7 +147,7 @@ def test_should_be_live_and_ready_when_the_wanted_job_is_promoted_and_synced():
     assert status["phase"] == "Live"
     assert status["live"]["jobName"] == "v2" and status["previous"]["jobName"] == "v1"
     assert _conds(status) == {"Promoted": ("True", "Live"), "SyncerUpdated": ("True", "Synced"),
-                              "Ready": ("True", "Live")}
+                              "Ready": ("True", "Live"), "Reconciling": ("False", "Live"), "Stalled": ("False", "Live")}
 
 
 @pytest.mark.parametrize("reason, phase", [(ch.JOB_NOT_FOUND, "Pending"), (ch.GATE_NOT_PASSED, "Refused"),
@@ -157,6 +157,8 @@ def test_should_keep_serving_the_old_run_while_saying_why_the_wanted_one_is_not_
     status = _status(pointer, refusal=Refusal(reason, "why"))
     assert status["phase"] == phase and status["live"]["jobName"] == "v1"
     assert _conds(status)["Promoted"] == ("False", reason) and _conds(status)["Ready"] == ("False", reason)
+    kstatus = (_conds(status)["Reconciling"][0], _conds(status)["Stalled"][0])
+    assert kstatus == (("True", "False") if phase == "Pending" else ("False", "True")), "Flux and Argo CD read these"
 
 
 def test_should_fail_when_the_syncer_configmap_belongs_to_someone_else():

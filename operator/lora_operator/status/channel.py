@@ -26,7 +26,7 @@ from .events import Event
 # Condition types
 PROMOTED = "Promoted"
 SYNCER_UPDATED = "SyncerUpdated"
-CHANNEL_TYPES = (PROMOTED, SYNCER_UPDATED, c.READY)
+CHANNEL_TYPES = (PROMOTED, SYNCER_UPDATED, c.READY, c.RECONCILING, c.STALLED)  # the last three: kstatus
 
 # Reasons: waiting (phase Pending)
 WAITING_FOR_JOB = "WaitingForJob"
@@ -176,6 +176,11 @@ def _conditions(obs: ChannelObserved) -> list[dict[str, Any]]:
     blocking = next((cond for cond in out if cond["status"] != c.TRUE), None)
     out.append(c.condition(c.READY, c.FALSE, blocking["reason"], blocking["message"]) if blocking
                else c.condition(c.READY, c.TRUE, LIVE, promoted["message"]))
+    # kstatus: Pending is work in progress; Refused and Failed need a person (Flux/Argo report them).
+    phase = _phase(obs)
+    why = (blocking or {}).get("reason", LIVE), (blocking or {}).get("message", "")
+    out.append(c.condition(c.RECONCILING, c.TRUE if phase == "Pending" else c.FALSE, *why))
+    out.append(c.condition(c.STALLED, c.TRUE if phase in ("Refused", "Failed") else c.FALSE, *why))
     return out
 
 
@@ -209,7 +214,7 @@ def channel_events(old: Iterable[Mapping[str, Any]] | None, new: Iterable[Mappin
     for cond in new:
         prior = before.get(cond["type"]) or {}
         changed = (prior.get("status"), prior.get("reason")) != (cond["status"], cond["reason"])
-        if not changed or cond["type"] == c.READY:
+        if not changed or cond["type"] in (c.READY, c.RECONCILING, c.STALLED):
             continue
         if cond["status"] == c.FALSE and cond["reason"] not in PENDING_REASONS:
             events.append(Event("Warning", cond["reason"], cond.get("message", "")[:1024]))
