@@ -7,7 +7,7 @@ Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted 
 Publishes adapter/ and, last, lora-metadata.json (runId, baseModel, artifacts, eval) like the trainer.
 With `champion:` in its config (spec.evaluation.gate.champion resolved by the operator) it takes the
 champion's held-out loss from the champion's lora-metadata.json and rejects an adapter that is worse
-than champion x (1 + maxLossIncrease), as the real gate does.
+than champion x (1 + maxLossIncrease) through the real gate code (lora_trainer.champion).
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -24,6 +24,14 @@ from urllib.parse import urlparse
 import yaml
 from minio import Minio
 from minio.error import S3Error
+
+# Pods get a clean environment (no PYTHONPATH): import the tree this file belongs to, not the
+# editable install, so a worktree's tests run its own gate code.
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.join(_REPO, "operator"), os.path.join(_REPO, "trainer")]
+
+from lora_operator.api import parse_spec  # noqa: E402
+from lora_trainer.champion import ChampionMetrics, champion_thresholds, with_champion_column  # noqa: E402
 
 
 def now():
@@ -110,14 +118,13 @@ def main():
     reasons = [] if passed else ["evalLoss 1.90 > maxEvalLoss 1.50"]
     results = [{"name": "evalLoss", "base": 2.1, "adapter": loss, "threshold": "<= 1.5", "passed": passed}]
     champion = champion_loss(config.get("champion"))
-    if champion is not None:
-        limit = champion * (1 + config["spec"]["evaluation"]["gate"]["champion"]["maxLossIncrease"])
-        results[0]["champion"] = champion
-        results.append({"name": "championLoss", "base": 2.1, "adapter": loss, "champion": champion,
-                        "threshold": f"<= champion x {limit / champion:g}", "passed": loss <= limit})
-        if loss > limit:
-            passed = False
-            reasons.append(f"championLoss: {loss:.4f} vs <= {limit:.4f}")
+    rows, champion_reasons, _ = champion_thresholds(  # the real gate's champion part
+        parse_spec(config["spec"]).evaluation.gate, base_loss=2.1, adapter_loss=loss, adapter_checks={},
+        regression=None, champion=None if champion is None else ChampionMetrics(loss=champion),
+        missing=(config.get("champion") or {}).get("missing"))
+    results = with_champion_column(results, None if champion is None else ChampionMetrics(loss=champion)) + rows
+    reasons += champion_reasons
+    passed = passed and not champion_reasons
     write(eval={"verdict": "Passed" if passed else "Failed", "reasons": reasons, "results": results})
     if not passed:
         write(state="Rejected")
