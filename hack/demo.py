@@ -96,7 +96,8 @@ def prepare_inputs() -> tuple[Path, Path]:
     step("Harbor Support data and the tiny generic base model")
     data = DEMO / "data"
     run(PY, str(EXAMPLE / "make_data.py"), "--out", str(data))
-    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py")
+    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py",
+                       ROOT / "trainer" / "lora_trainer" / "model" / "tiny_tokenizer.py")
     base = CACHE / "demo" / f"harbor-base-{key}"
     if not (base / "config.json").exists():
         print("training the base model on generic replies (cached afterwards)")
@@ -112,7 +113,7 @@ def upload(s3: dict[str, str], data: Path, base: Path) -> str:
     step("Upload to S3 (SeaweedFS)")
     from minio import Minio
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     endpoint = s3["S3_ENDPOINT"].split("://", 1)[1]
     client = Minio(endpoint, s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"], secure=False)

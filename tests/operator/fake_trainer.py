@@ -7,7 +7,7 @@ Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted 
 Publishes adapter/ and, last, lora-metadata.json (runId, baseModel, artifacts, eval) like the trainer.
 With `champion:` in its config (spec.evaluation.gate.champion resolved by the operator) it takes the
 champion's held-out loss from the champion's lora-metadata.json and rejects an adapter that is worse
-than champion x (1 + maxLossIncrease) through the real gate code (lora_trainer.champion).
+than champion x (1 + maxLossIncrease) through the real gate code (lora_trainer.evaluation.champion).
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -31,7 +31,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 sys.path[:0] = [os.path.join(_REPO, "operator"), os.path.join(_REPO, "trainer")]
 
 from lora_operator.api import parse_spec  # noqa: E402
-from lora_trainer.champion import ChampionMetrics, champion_thresholds, with_champion_column  # noqa: E402
+from lora_trainer.evaluation.champion import ChampionMetrics, champion_thresholds, with_champion_column  # noqa: E402
 
 
 def now():

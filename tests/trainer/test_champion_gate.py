@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lora_operator.api import EvaluationSpec
-from lora_trainer.champion import ChampionMetrics, champion_thresholds, with_champion_column
+from lora_trainer.evaluation.champion import ChampionMetrics, champion_thresholds, with_champion_column
 
 GREETING = {"name": "greeting", "type": "mustMatch", "pattern": "^Thanks", "minPassRate": 0.5}
 

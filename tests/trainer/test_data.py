@@ -7,7 +7,7 @@ import json
 import pytest
 import tiny
 
-from lora_trainer.data import (
+from lora_trainer.data.records import (
     IGNORE,
     DataError,
     Example,

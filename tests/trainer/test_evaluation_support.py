@@ -50,7 +50,7 @@ def train_adapter(base_dir: Path, dest: Path, steps: int = 40, lr: float = 2e-2)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_trainer.data import encode_chat
+    from lora_trainer.data.records import encode_chat
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(base_dir))

@@ -13,8 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
 
-from lora_trainer import storage
-from lora_trainer.evaluation import evaluate, load_adapted
+from lora_trainer.evaluation.scoring import evaluate, load_adapted
 from lora_trainer.export import (
     ExportError,
     GateRejected,
@@ -24,6 +23,7 @@ from lora_trainer.export import (
     verify_merge,
     write_adapter,
 )
+from lora_trainer.io import storage
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_merged_model_matches_base_plus_adapter(published, w):
 
 
 def test_wrong_scale_merge_is_caught_with_the_measured_difference(passing, w, tmp_path):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     write_adapter(spec, w["adapter"], w["tokenizer"], tmp_path / "adapter")
@@ -171,7 +171,7 @@ def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path)
 
 
 def test_rejected_job_publishes_nothing(w, tmp_path):
-    from lora_trainer.evaluation import write_eval_json
+    from lora_trainer.evaluation.scoring import write_eval_json
 
     spec = world.make_spec(tmp_path, gate={"maxEvalLoss": 1e-4})
     report = evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"])
@@ -184,19 +184,26 @@ def test_rejected_job_publishes_nothing(w, tmp_path):
 
 
 class FlakyStore:
-    """Fails for good (as RetryingStore does when its attempts are spent) on the nth put_file."""
+    """An outage from the nth write (put_file or copy) on: every write from then on fails for good,
+    as RetryingStore does when its attempts are spent."""
 
     def __init__(self, inner, fail_on: int):
-        self.inner, self.fail_on, self.puts = inner, fail_on, 0
+        self.inner, self.fail_on, self.writes = inner, fail_on, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def _write(self, op: str, *args):
+        self.writes += 1
+        if self.writes >= self.fail_on:
+            raise storage.StorageError(f"{op} {args[0]} failed after 5 attempts: ConnectionError")
+        return getattr(self.inner, op)(*args)
+
     def put_file(self, key, src):
-        self.puts += 1
-        if self.puts == self.fail_on:
-            raise storage.StorageError(f"put_file {key} failed after 5 attempts: ConnectionError")
-        return self.inner.put_file(key, src)
+        return self._write("put_file", key, src)
+
+    def copy(self, src_key, dst_key):
+        return self._write("copy", src_key, dst_key)
 
 
 @pytest.mark.parametrize("fail_on,previous_survives", [(2, True), (9, False)],
@@ -209,7 +216,7 @@ def test_failed_upload_leaves_no_half_artifact_that_looks_complete(passing, w, t
     args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
     publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="old")
     old_meta = store.get_bytes(storage.join(key, "lora-metadata.json"))
-    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd put is staging, the 9th promotion
+    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd write stages, the 9th promotes
     with pytest.raises(storage.StorageError):
         publish(spec, flaky, *args[2:], eval_records=w["records"], work_dir=tmp_path / "work", run_id="new")
     meta_key = storage.join(key, "lora-metadata.json")
@@ -240,7 +247,7 @@ def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_merge_passes_the_16bit_tolerance(passing, w, tmp_path, dtype):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     merge_adapter(w["base"], w["adapter"], tmp_path / "merged", w["tokenizer"], dtype=dtype,

@@ -6,8 +6,8 @@ import pytest
 import tiny
 import torch
 
-from lora_trainer.data import Example, encode_all
-from lora_trainer.packing import Schedule, collate_packed, collate_padded, make_rows, pack_bfd, padding_fraction
+from lora_trainer.data.packing import Schedule, collate_packed, collate_padded, make_rows, pack_bfd, padding_fraction
+from lora_trainer.data.records import Example, encode_all
 
 
 def test_packed_logits_equal_unpacked_on_the_tiny_model(tiny_base, tiny_tokenizer):
@@ -45,7 +45,7 @@ def test_best_fit_decreasing_fills_rows_and_keeps_every_example():
 
 def test_padding_fraction_is_small_on_chat_data(tiny_tokenizer):
     exs = encode_all(tiny_tokenizer, tiny.chat_examples(200, seed=2), "chat", False)
-    from lora_trainer.data import p95_length, truncate
+    from lora_trainer.data.records import p95_length, truncate
 
     max_len = p95_length(exs)
     rows, row_len = make_rows(truncate(exs, max_len)[0], max_len, packing=True)

@@ -45,8 +45,8 @@ def _progress(store) -> dict:
 
 def _history(store) -> list[float]:
     """Per-step losses recorded in the latest complete checkpoint."""
-    from lora_trainer import checkpoint as ckpt
-    from lora_trainer.storage import LocalStore
+    from lora_trainer.io.storage import LocalStore
+    from lora_trainer.model import checkpoint as ckpt
 
     s = LocalStore(store / "out")
     ref = ckpt.latest_complete(s, "job")
@@ -136,7 +136,7 @@ def test_bad_data_fails_with_one_line_naming_file_and_line(make_job, tmp_path):
 
 
 def test_fingerprint_cli_prints_the_content_hash(tiny_base, tmp_path):
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     proc = subprocess.run(trainer_cmd("fingerprint", f"file://{tiny_base}"), env=trainer_env(tmp_path),
                           capture_output=True, text=True, timeout=120)

@@ -1,7 +1,7 @@
 """Publishing an adapter that passed the gate: `adapter/`, `merged/`, `eval.json` and, last,
 `lora-metadata.json` under spec.output.uri.
 
-Entry point (the CLI's `export` and `run` call it after `evaluation.evaluate`):
+Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the gate):
 
     uris = publish(spec, store, output_key, base_dir, adapter_dir, report, tokenizer,
                    eval_records=..., work_dir=..., run_id=..., dataset_hashes=...)
@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
-from . import storage
-from .evaluation import EvalReport, encode_records, eval_device, heldout_loss
-from .gate import apply_gate
-from .metadata import FILENAME as METADATA
-from .metadata import build_metadata
+from .evaluation.gate import apply_gate
+from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss, pad_token_id
+from .io import storage
+from .io.metadata import FILENAME as METADATA
+from .io.metadata import build_metadata
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ MERGE_TOLERANCE = {"float32": (1e-3, 1e-5), "bfloat16": (0.0, 0.05), "float16": 
 MERGE_SAMPLES = 4
 MERGE_PROBE_TOKENS = 256  # per sample: enough to exercise every layer, bounded logits memory
 VLLM_MAX_LORA_RANK = 512
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 class ExportError(RuntimeError):
@@ -214,17 +213,13 @@ def _promote(store, staged: Path, staging_key: str, output_key: str) -> None:
 
 
 def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
-    """Server-side copy on S3 (no second upload of the weights); otherwise put the local file."""
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.S3Store) and local.stat().st_size < 5 * 1024**3:
-        from minio.commonconfig import CopySource
-
-        try:
-            inner.client.copy_object(inner.bucket, dst_key, CopySource(inner.bucket, src_key))
-            return
-        except Exception as exc:
-            log.warning("server-side copy to %s failed (%s); uploading", store.describe(dst_key), exc)
-    store.put_file(dst_key, local)
+    """Server-side copy where the store can (no second upload of the weights); otherwise put the
+    local file."""
+    try:
+        store.copy(src_key, dst_key)
+    except (storage.StorageError, storage.NotFound) as exc:
+        log.warning("copy to %s failed (%s); uploading", store.describe(dst_key), exc)
+        store.put_file(dst_key, local)
 
 
 def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, report: EvalReport, tokenizer, *,
@@ -274,7 +269,7 @@ def _merge_and_verify(spec, base_dir, adapter_dir, local, report, tokenizer, eva
     # Merge what ships (adapter/ as written), verify against what was evaluated (the checkpoint).
     merge_adapter(base_dir, local / "adapter", local / "merged", tokenizer, dtype=dtype, device=device)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     report.merged = verify_merge(spec, base_dir, adapter_dir, local / "merged", examples, report, pad_id,
                                  dtype=dtype, device=device)
     if not report.merged["gate"]["passed"]:

@@ -19,21 +19,21 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import model as modelmod
-from . import storage
 from .config import Job, RuntimeConfig
-from .data import IGNORE
-from .packing import Schedule, collate_packed, collate_padded
-from .prepare import prepare_data
-from .progress import ProgressWriter, mfu, peak_memory_bytes
-from .reporting import StepReporter
+from .data.packing import Schedule, collate_packed, collate_padded
+from .data.prepare import prepare_data
+from .data.records import IGNORE
+from .io import storage
+from .io.progress import ProgressWriter, mfu, peak_memory_bytes
+from .io.reporting import StepReporter
+from .model import checkpoint as ckpt
+from .model import loading
+from .model.lora import add_lora, param_counts
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,14 @@ class LoRARecipe:
         self.rt.work_dir.mkdir(parents=True, exist_ok=True)
         skw = self.rt.store_kwargs(self.job)
         self.out_store, self.out_key = storage.open_uri(self.spec.output.uri, **skw)
-        self.out_store = _with_retries(self.out_store, self.rt)
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
                                        self.rt.progress_interval_s, self.rt.attempt)
         self.progress.update(state="Preparing", force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():
-            self.base_dir = modelmod.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
-        self.tokenizer = modelmod.load_tokenizer(self.base_dir)
+            self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
+        self.tokenizer = loading.load_tokenizer(self.base_dir)
         with self.acc.local_main_process_first():
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
                                      self.spec.training.seed, **skw)
@@ -94,14 +93,16 @@ class LoRARecipe:
                              trainableFraction=self.trainable / self.total_params,
                              totalSteps=self.total_steps)
         self._maybe_resume()
+        if self.stop_requested:
+            raise Preempted("stopped by SIGTERM before training started")
 
     def _setup_model(self) -> None:
         s = self.spec
-        base = modelmod.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
+        base = loading.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
                                   self.acc.device)
-        model = modelmod.add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
+        model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
-        self.trainable, self.total_params = modelmod.param_counts(model)
+        self.trainable, self.total_params = param_counts(model)
         log.info("trainable params: %d of %d (%.4f%%)", self.trainable, self.total_params,
                  100 * self.trainable / self.total_params)
         t = s.training
@@ -284,11 +285,6 @@ class LoRARecipe:
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
 
-    def save_adapter(self, dest: Path) -> Path:
-        """The current adapter in PEFT format (for evaluation / export)."""
-        self.acc.unwrap_model(self.model).save_pretrained(str(dest), safe_serialization=True)
-        return dest
-
     def cleanup(self) -> None:
         from accelerate.state import AcceleratorState
 
@@ -297,11 +293,6 @@ class LoRARecipe:
             if self.acc.num_processes > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         AcceleratorState._reset_state(True)  # a later recipe in this process starts afresh
-
-
-def _with_retries(store, rt: RuntimeConfig):
-    inner = storage._unwrap(store)
-    return storage.RetryingStore(inner, attempts=rt.retry_attempts, base_delay=rt.retry_base_delay_s)
 
 
 def install_sigterm(recipe: LoRARecipe):

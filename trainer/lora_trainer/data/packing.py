@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE, Example
+from .records import IGNORE, Example
 
 PACK_FACTOR = 4
 

@@ -28,7 +28,7 @@ Schema (camelCase; every key is always present, unknown values are null):
   updatedAt         RFC 3339 UTC time of this write (str)
   error             one-line error message when Failed (str)
   eval              gate outcome {verdict, reasons, results} in the shape of status.evaluation,
-                    set after evaluation (evaluation.progress_eval)
+                    set after evaluation (evaluation.scoring.progress_eval)
   artifacts         {adapter, merged, eval, metadata} URIs once published
 
 MFU counts 4 x N + 2 x trainable FLOPs per token (= 6 x trainable + 4 x frozen parameters):

@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import storage
-from .data import DataError, encode_all, p95_length, read_jsonl, split_records, truncate
+from ..io import storage
 from .packing import make_rows, padding_fraction
+from .records import DataError, encode_all, p95_length, read_jsonl, split_records, truncate
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,8 @@ class Prepared:
 def fetch(uri: str, dest_dir: Path, **store_kw) -> Path:
     """Download one dataset file (or use it in place when local)."""
     store, key = storage.open_uri(uri, **store_kw)
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.LocalStore) and not uri.startswith("s3://"):
-        path = inner._path(key)
+    path = store.local_path(key)
+    if path is not None:
         if not path.is_file():
             raise DataError(uri, None, "file not found")
         return path

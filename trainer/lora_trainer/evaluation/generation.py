@@ -31,6 +31,9 @@ class Sample:
     reference: str
 
 
+CheckFn = Callable[[str, str], bool]  # (reply, reference) -> passed
+
+
 class CheckConfigError(ValueError):
     """A check that can never be evaluated (bad regex, invalid JSON Schema)."""
 
@@ -42,35 +45,68 @@ def _parse_json(reply: str):
         return False, None
 
 
-def compile_check(check: GenerationCheck) -> Callable[[str, str], bool]:
-    """``(reply, reference) -> passed`` for one check; raises CheckConfigError early on a bad check.
+def _exact_match(check: GenerationCheck) -> CheckFn:
+    return lambda reply, ref: reply.strip() == ref.strip()
+
+
+def _valid_json(check: GenerationCheck) -> CheckFn:
+    return lambda reply, ref: _parse_json(reply.strip())[0]
+
+
+def _json_schema(check: GenerationCheck) -> CheckFn:
+    try:
+        cls = jsonschema.validators.validator_for(check.json_schema)
+        cls.check_schema(check.json_schema)
+    except jsonschema.SchemaError as exc:
+        raise CheckConfigError(f"checks.{check.name}: invalid JSON Schema: {exc.message}") from None
+    validator = cls(check.json_schema)
+
+    def schema_ok(reply: str, ref: str) -> bool:
+        ok, value = _parse_json(reply.strip())
+        return ok and validator.is_valid(value)
+
+    return schema_ok
+
+
+def _regex(check: GenerationCheck) -> re.Pattern:
+    try:
+        return re.compile(check.pattern or "")
+    except re.error as exc:
+        raise CheckConfigError(f"checks.{check.name}: invalid pattern: {exc}") from None
+
+
+def _must_match(check: GenerationCheck) -> CheckFn:
+    regex = _regex(check)
+    return lambda reply, ref: regex.search(reply.strip()) is not None
+
+
+def _must_not_match(check: GenerationCheck) -> CheckFn:
+    regex = _regex(check)
+    return lambda reply, ref: regex.search(reply.strip()) is None
+
+
+# Check type (spec.evaluation.gate.checks[].type) -> compile function. A new type is one entry here,
+# one value of the API's CheckType, and its test; tests check that the two lists agree.
+CHECK_TYPES: dict[str, Callable[[GenerationCheck], CheckFn]] = {
+    "exactMatch": _exact_match,
+    "validJson": _valid_json,
+    "jsonSchema": _json_schema,
+    "mustMatch": _must_match,
+    "mustNotMatch": _must_not_match,
+}
+
+
+def compile_check(check: GenerationCheck) -> CheckFn:
+    """``(reply, reference) -> passed`` for one check; raises CheckConfigError early on a bad check
+    or an unknown type (never treated as some other type).
 
     The CLI can call this for every check before training, so a typo fails in seconds, not hours.
     """
-    if check.type == "exactMatch":
-        return lambda reply, ref: reply.strip() == ref.strip()
-    if check.type == "validJson":
-        return lambda reply, ref: _parse_json(reply.strip())[0]
-    if check.type == "jsonSchema":
-        try:
-            cls = jsonschema.validators.validator_for(check.json_schema)
-            cls.check_schema(check.json_schema)
-        except jsonschema.SchemaError as exc:
-            raise CheckConfigError(f"checks.{check.name}: invalid JSON Schema: {exc.message}") from None
-        validator = cls(check.json_schema)
-
-        def schema_ok(reply: str, ref: str) -> bool:
-            ok, value = _parse_json(reply.strip())
-            return ok and validator.is_valid(value)
-
-        return schema_ok
-    try:
-        regex = re.compile(check.pattern or "")
-    except re.error as exc:
-        raise CheckConfigError(f"checks.{check.name}: invalid pattern: {exc}") from None
-    if check.type == "mustMatch":
-        return lambda reply, ref: regex.search(reply.strip()) is not None
-    return lambda reply, ref: regex.search(reply.strip()) is None
+    compile_fn = CHECK_TYPES.get(check.type)
+    if compile_fn is None:
+        raise CheckConfigError(f"checks.{check.name}: unknown check type {check.type!r} "
+                               f"(known: {', '.join(CHECK_TYPES)})")
+    return compile_fn(check)
 
 
 def pass_rate(check: GenerationCheck, replies: Sequence[str], samples: Sequence[Sample]) -> Optional[float]:
@@ -96,7 +132,7 @@ def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list
             prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
             out.append(Sample(prompt, msgs[last]["content"]))
         elif "prompt" in ex and "completion" in ex:
-            # data.encode_completion puts BOS before the prompt; generate from the same tokens.
+            # data.records.encode_completion puts BOS before the prompt; generate from the same tokens.
             out.append(Sample((tokenizer.bos_token or "") + ex["prompt"], ex["completion"]))
     return out
 
@@ -106,28 +142,3 @@ def stop_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
     return ids
-
-
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy replies (special tokens dropped) for ``prompts``, batched with left padding.
-
-    Prompts are tokenized without extra special tokens: the chat template already wrote them.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
-            )
-        replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    return replies

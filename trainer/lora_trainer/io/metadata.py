@@ -8,8 +8,9 @@ incomplete and may verify the listed digests.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
 from typing import Any, Optional
+
+from .progress import now_rfc3339
 
 SCHEMA_VERSION = 1
 FILENAME = "lora-metadata.json"
@@ -35,10 +36,6 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
 
         template = json.dumps(template, sort_keys=True)
     return "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
@@ -70,5 +67,5 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "artifacts": dict(artifacts),
         "files": dict(files),
         "warnings": list(warnings or []),
-        "timestamps": {"startedAt": started_at, "publishedAt": utc_now()},
+        "timestamps": {"startedAt": started_at, "publishedAt": now_rfc3339()},
     }

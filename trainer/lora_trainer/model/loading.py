@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from . import storage
+from ..io import storage
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,8 @@ def resolve_base(uri: str, revision: str, work_dir: Path, **store_kw) -> Path:
     if uri.startswith("hf://"):
         return _from_hub(uri, revision, work_dir)
     store, key = storage.open_uri(uri, **store_kw)
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.LocalStore) and not uri.startswith("s3://"):
-        local = inner._path(key)  # file:// and pvc:// are read in place
+    local = store.local_path(key)  # file:// and pvc:// are read in place
+    if local is not None:
         if not local.is_dir():
             raise FileNotFoundError(f"base model {uri}: no directory at {local}")
     else:
@@ -114,25 +113,3 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
         model.to(device)
     model.config.use_cache = False
     return model
-
-
-def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str]):
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def param_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
