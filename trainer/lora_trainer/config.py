@@ -25,6 +25,8 @@ class Job:
     spec: LoRATrainingJobSpec
     name: str = "local"
     namespace: str = "default"
+    champion: Optional[dict] = None
+    "The champion the operator resolved for spec.evaluation.gate.champion ({channel, runId, adapter} or {channel, missing})."
 
 
 def load_job(path: Path | str) -> Job:
@@ -37,7 +39,8 @@ def load_job(path: Path | str) -> Job:
         raise SpecError("config", f"{path} is not a YAML mapping")
     if obj.get("kind") == KIND:
         meta = obj.get("metadata") or {}
-        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"))
+        champion = obj.get("champion") if isinstance(obj.get("champion"), dict) else None
+        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"), champion)
     return Job(parse_spec(obj))
 
 

@@ -200,11 +200,26 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
     tokenizer = load_tokenizer(ctx.base_dir)
     report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
                               regression_records=regression, max_seq_length=ctx.max_seq_length,
-                              checkpoint_step=ctx.checkpoint.step)
+                              checkpoint_step=ctx.checkpoint.step, champion_dir=_fetch_champion(ctx),
+                              champion=ctx.job.champion)
     scoring.write_eval_json(ctx.output_store, ctx.output_key, report)
     if ctx.progress:
         ctx.progress.update(eval=scoring.progress_eval(report), datasetHashes=ctx.dataset_hashes)
     return report
+
+
+def _fetch_champion(ctx: StageContext) -> Optional[Path]:
+    """Download the champion adapter the operator resolved (spec.evaluation.gate.champion); None
+    when the gate names no channel or the channel serves nothing comparable. A champion that was
+    resolved but cannot be read fails the attempt (StorageError): no gate on missing evidence."""
+    adapter = (ctx.job.champion or {}).get("adapter")
+    if ctx.spec.evaluation.gate.champion is None or not adapter:
+        return None
+    store, key = storage.open_uri(adapter, **ctx.runtime.store_kwargs(ctx.job))
+    local = ctx.runtime.work_dir / "champion"
+    shutil.rmtree(local, ignore_errors=True)
+    storage.download_prefix(store, key, local)
+    return local
 
 
 def gate_passed(report: scoring.EvalReport) -> bool:

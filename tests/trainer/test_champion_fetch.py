@@ -1,0 +1,51 @@
+"""The champion reaches the trainer: resolved by the operator into job.yaml, fetched before scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lora_trainer.config import RuntimeConfig, load_job
+from lora_trainer.run import StageContext, _fetch_champion
+
+SPEC = {"baseModel": {"uri": "s3://models/base", "revision": "sha256:" + "0" * 64},
+        "dataset": {"train": "s3://team/train.jsonl"}, "output": {"uri": "s3://team/runs/v2"},
+        "evaluation": {"gate": {"champion": {"channel": "production"}}}}
+CHAMPION = {"channel": "production", "runId": "run-v1", "jobName": "v1", "adapter": "s3://team/runs/v1/adapter"}
+
+
+def _job(tmp_path: Path, champion=CHAMPION, spec=SPEC):
+    manifest = {"apiVersion": "training.lora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                "metadata": {"name": "v2", "namespace": "team"}, "spec": spec}
+    if champion is not None:
+        manifest["champion"] = champion
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return load_job(path)
+
+
+def _context(tmp_path: Path, job) -> StageContext:
+    rt = RuntimeConfig(work_dir=tmp_path / "work", storage_dir=tmp_path / "store")
+    return StageContext(job, rt, tmp_path / "base", tmp_path / "adapter", None, tmp_path / "heldout.jsonl", None, "")
+
+
+def test_should_read_the_champion_the_operator_resolved(tmp_path):
+    job = _job(tmp_path)
+    assert job.champion == CHAMPION and job.name == "v2"
+    assert _job(tmp_path, champion=None).champion is None
+
+
+def test_should_download_the_champion_adapter_before_scoring(tmp_path):
+    stored = tmp_path / "store" / "team" / "runs" / "v1" / "adapter"
+    stored.mkdir(parents=True)
+    (stored / "adapter_config.json").write_text('{"r": 8}')
+    local = _fetch_champion(_context(tmp_path, _job(tmp_path)))
+    assert (local / "adapter_config.json").read_text() == '{"r": 8}'
+
+
+def test_should_fetch_nothing_without_a_comparable_champion_or_a_champion_gate(tmp_path):
+    missing = {"channel": "production", "missing": "channel production serves no adapter yet"}
+    assert _fetch_champion(_context(tmp_path, _job(tmp_path, champion=missing))) is None
+    no_gate = {**SPEC, "evaluation": {}}
+    assert _fetch_champion(_context(tmp_path, _job(tmp_path, spec=no_gate))) is None
