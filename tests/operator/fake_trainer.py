@@ -136,7 +136,7 @@ def main():
         "schemaVersion": 1, "runId": f"{config['metadata']['name']}-{config['metadata'].get('uid', '')[:8]}",
         "baseModel": config["spec"]["baseModel"], "artifacts": artifacts,
         "eval": {"base": {"loss": 2.1}, "adapter": {"loss": loss}, "gate": {"verdict": "Passed"},
-                 **({"champion": {"loss": champion}} if champion is not None else {})},
+                 **({"champion": {**config["champion"], "loss": {"loss": champion}}} if champion is not None else {})},
     }).encode())
     write(state="Succeeded", artifacts={"adapter": store.uri("adapter"), "metadata": store.uri("lora-metadata.json")})
     terminate({"state": "Succeeded", "step": steps}, 0)

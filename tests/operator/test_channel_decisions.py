@@ -8,7 +8,7 @@ import pytest
 
 from lora_operator.api.channel import ChannelPointer, PromotionRecord, parse_channel_spec
 from lora_operator.api.spec import BaseModelRef
-from lora_operator.builders.pointer import build_record, next_pointer, pointer_uri
+from lora_operator.builders.pointer import build_record, eval_summary, next_pointer, pointer_uri
 from lora_operator.status import channel as ch
 from lora_operator.status.channel import ChannelObserved, Refusal
 
@@ -123,6 +123,9 @@ def test_should_build_the_record_from_metadata_and_name_the_vllm_adapter_by_job(
     assert (rec.run_id, rec.job_name, rec.job_uid, rec.adapter, rec.adapter_id) == (
         "run-2", "v2", "uid-2", f"{OUT}/adapter", "support-v2")
     assert rec.eval_summary == "held-out loss base 2.0000 -> adapter 1.2000"
+    with_champion = {"base": {"loss": 2.0}, "adapter": {"loss": 1.2},
+                     "champion": {"channel": "prod", "runId": "run-1", "loss": {"loss": 1.3, "tokens": 9}}}
+    assert eval_summary(with_champion) == "held-out loss base 2.0000 -> adapter 1.2000 (champion 1.3000)"
     assert pointer_uri("s3://platform/channels/", "team-a", "prod") == "s3://platform/channels/team-a/prod/current.json"
 
 

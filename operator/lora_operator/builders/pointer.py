@@ -34,9 +34,12 @@ def adapter_id(spec: LoRAAdapterChannelSpec, channel: str, job_name: str) -> str
 
 
 def eval_summary(meta_eval: dict[str, Any]) -> str | None:
-    """`held-out loss base 2.1000 -> adapter 1.2000 (champion 1.3000)` from lora-metadata.json's eval."""
+    """`held-out loss base 2.1000 -> adapter 1.2000 (champion 1.3000)` from lora-metadata.json's
+    eval (eval.json: `base`/`adapter` are {loss, ...}; `champion` is {channel, runId, loss: {loss, ...}})."""
     def loss(key: str) -> float | None:
-        value = (meta_eval.get(key) or {}).get("loss") if isinstance(meta_eval.get(key), dict) else None
+        value = meta_eval.get(key)
+        while isinstance(value, dict):
+            value = value.get("loss")
         return float(value) if isinstance(value, (int, float)) else None
 
     base, adapter, champion = loss("base"), loss("adapter"), loss("champion")
