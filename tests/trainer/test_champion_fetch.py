@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lora_trainer.config import RuntimeConfig, load_job
@@ -49,3 +50,33 @@ def test_should_fetch_nothing_without_a_comparable_champion_or_a_champion_gate(t
     assert _fetch_champion(_context(tmp_path, _job(tmp_path, champion=missing))) is None
     no_gate = {**SPEC, "evaluation": {}}
     assert _fetch_champion(_context(tmp_path, _job(tmp_path, spec=no_gate))) is None
+
+
+def _run(cfg, store, tmp_path, name):
+    from lora_trainer.__main__ import run_job
+
+    rt = RuntimeConfig(work_dir=tmp_path / f"work-{name}", storage_dir=store, progress_interval_s=0,
+                       termination_log=tmp_path / f"termination-{name}", progress_bar=False)
+    return run_job({"train", "evaluate", "export"}, load_job(cfg), rt)
+
+
+@pytest.mark.slow
+def test_should_reject_a_second_run_worse_than_the_published_champion_end_to_end(make_job, tmp_path):
+    import json
+
+    cfg, store = make_job(n_train=24, **{"training.epochs": 1, "output.uri": "s3://out/v1"})
+    assert _run(cfg, store, tmp_path, "v1") == 0
+    v1_meta = json.loads((store / "out" / "v1" / "lora-metadata.json").read_text())
+    doc = yaml.safe_load(cfg.read_text())
+    doc["spec"]["output"]["uri"] = "s3://out/v2"
+    doc["spec"]["training"] = {**doc["spec"]["training"], "maxSteps": 1}  # a barely trained challenger
+    doc["spec"]["evaluation"] = {"gate": {"champion": {"channel": "production"}}}
+    doc["champion"] = {"channel": "production", "runId": v1_meta["runId"], "adapter": "s3://out/v1/adapter"}
+    cfg.write_text(yaml.safe_dump(doc))
+    assert _run(cfg, store, tmp_path, "v2") == 0  # Rejected is a clean exit
+    report = json.loads((store / "out" / "v2" / "eval.json").read_text())
+    assert report["champion"]["runId"] == v1_meta["runId"]
+    assert report["champion"]["loss"]["loss"] == pytest.approx(v1_meta["eval"]["adapter"]["loss"], rel=1e-5), \
+        "the champion re-scored on the same data gives its own published held-out loss"
+    assert report["gate"]["verdict"] == "Failed" and report["gate"]["reasons"][0].startswith("championLoss: ")
+    assert not (store / "out" / "v2" / "lora-metadata.json").exists(), "nothing published"
