@@ -3,6 +3,7 @@
 Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted config):
   fake-trainer/steps         optimizer steps (default 5), one every fake-trainer/step-seconds (0.2)
   fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
+                             | no-verdict (says Succeeded and exits 0 without evaluating: a stubbed evaluator)
   fake-trainer/adapter-loss  held-out loss of the "adapter" (default 1.2; base is 2.1)
 Publishes adapter/ and, last, lora-metadata.json (runId, baseModel, artifacts, eval) like the trainer.
 With `champion:` in its config (spec.evaluation.gate.champion resolved by the operator) it takes the
@@ -112,6 +113,9 @@ def main():
         if outcome == "fail-first-attempt" and attempt == 1 and step >= 2:
             write(state="Failed", error="injected failure")
             terminate({"state": "Failed", "error": "injected failure"}, 3)
+    if outcome == "no-verdict":
+        write(state="Succeeded")
+        terminate({"state": "Succeeded", "step": steps}, 0)
     write(state="Evaluating")
     passed = outcome != "reject"
     loss = float(notes.get("fake-trainer/adapter-loss", "1.2")) if passed else 1.9

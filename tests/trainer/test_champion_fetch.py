@@ -41,8 +41,18 @@ def test_should_download_the_champion_adapter_before_scoring(tmp_path):
     stored = tmp_path / "store" / "team" / "runs" / "v1" / "adapter"
     stored.mkdir(parents=True)
     (stored / "adapter_config.json").write_text('{"r": 8}')
+    (stored / "adapter_model.safetensors").write_bytes(b"weights")
+    (stored / "adapter_model.bin").write_bytes(b"a pickle that must never be loaded")
     local = _fetch_champion(_context(tmp_path, _job(tmp_path)))
     assert (local / "adapter_config.json").read_text() == '{"r": 8}'
+    assert sorted(p.name for p in local.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_should_fail_when_the_resolved_champion_cannot_be_read(tmp_path):
+    from lora_trainer.io.storage import StorageError
+
+    with pytest.raises(StorageError, match="adapter_config.json"):
+        _fetch_champion(_context(tmp_path, _job(tmp_path)))
 
 
 def test_should_fetch_nothing_without_a_comparable_champion_or_a_champion_gate(tmp_path):

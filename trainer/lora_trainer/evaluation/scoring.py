@@ -11,13 +11,15 @@ Entry points (`run.evaluate` calls these; nothing here does storage I/O except
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
 
 Measurement rules:
-- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.records.encode_all`:
-  assistant turns only unless trainOnPrompt), unpacked, truncated to the training maxSeqLength;
-  perplexity = exp(loss). Base and adapter see identical token sets.
+- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.encoding`:
+  assistant turns only unless trainOnPrompt), unpacked, fitted to the training maxSeqLength as
+  training fits (onOverlong); perplexity = exp(loss). Base and adapter see identical token sets.
 - The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
   what training started from (quantized as in training).
-- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records (see
-  `generation.py` for how prompts, references and checks are defined; `generate` below).
+- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records, prompts
+  rendered as a server renders them (chatTemplateKwargs included), replies without the template's
+  reasoning block (see `generation.py` for how prompts, references and checks are defined;
+  `generate` below).
 - The champion (spec.evaluation.gate.champion: the adapter a channel serves) is loaded as a second
   adapter on the same model and scored on the same tokens, samples and regression data, so base,
   champion and adapter are three columns of one measurement.
@@ -27,7 +29,6 @@ Measurement rules:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -38,9 +39,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.encoding import encode_records as _encode
+from ..data.encoding import fit
 from ..data.prepare import fetch
-from ..data.records import IGNORE, Example, encode_all, read_jsonl, truncate
+from ..data.records import IGNORE, Example, read_jsonl
+from ..data.rendering import reasoning_tags, strip_reasoning
 from ..io.storage import file_sha256, join
+from ..io.strictjson import dump_bytes
 from ..model.loading import load_base
 from . import generation
 from .champion import ChampionMetrics
@@ -121,7 +126,7 @@ def progress_eval(report: EvalReport) -> dict[str, Any]:
 def write_eval_json(store, output_key: str, report: EvalReport) -> str:
     """Write `<output>/eval.json`; returns its key. Written whatever the verdict."""
     key = join(output_key, "eval.json")
-    store.put_bytes(key, json.dumps(report.to_dict(), indent=1, sort_keys=True).encode())
+    store.put_bytes(key, dump_bytes(report.to_dict(), indent=1, sort_keys=True))
     return key
 
 
@@ -137,10 +142,14 @@ def load_regression_records(spec, work_dir: Path, **store_kw) -> tuple[list[dict
 
 
 def encode_records(records: Sequence[dict], tokenizer, dataset, max_seq_length: Optional[int]) -> list[Example]:
-    """Tokenize and mask exactly as training does; truncate to the training length if given."""
-    examples = encode_all(tokenizer, records, dataset.format, dataset.train_on_prompt)
+    """Tokenize and mask exactly as training does, fitted to the training length if given.
+
+    Records the template refuses are left out here: training prepared the same file and already
+    failed (or skipped them, as the spec asked)."""
+    examples = _encode(tokenizer, list(records), dataset.format, dataset.train_on_prompt,
+                       template_kwargs=dataset.chat_template_kwargs, on_invalid="skip").examples
     max_len = max_seq_length or dataset.max_seq_length
-    return truncate(examples, max_len)[0] if max_len else examples
+    return fit(examples, max_len, dataset.on_overlong).kept if max_len else examples
 
 
 def _batches(examples: Sequence[Example], budget: int):
@@ -213,7 +222,8 @@ def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch
 
     device = device or eval_device()
     dtype = spec.compute_dtype if device.type == "cuda" else "float32"
-    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device)
+    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device,
+                     attn=spec.attn_implementation)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     return model.eval()
 
@@ -227,24 +237,24 @@ def _run_checks(spec, model, tokenizer, records, champion: bool = False) -> tupl
     checks = spec.evaluation.gate.checks
     if not checks:
         return [], [], 0
-    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples)
+    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples,
+                                       spec.dataset.chat_template_kwargs)
     prompts = [s.prompt for s in samples]
     max_new = spec.evaluation.max_new_tokens
+    tags = reasoning_tags(tokenizer)
     with model.disable_adapter():
-        base_replies = generate(model, tokenizer, prompts, max_new)
-    adapter_replies = generate(model, tokenizer, prompts, max_new)
+        base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
     champion_replies = None
     if champion:
         with _using(model, CHAMPION):
-            champion_replies = generate(model, tokenizer, prompts, max_new)
-    rows = [{"name": c.name, "type": c.type, "minPassRate": c.min_pass_rate,
-             "base": generation.pass_rate(c, base_replies, samples),
-             "adapter": generation.pass_rate(c, adapter_replies, samples)} for c in checks]
+            champion_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    rows = [_check_row(c, base_replies, adapter_replies, samples) for c in checks]
     shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
              for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
     if champion_replies is not None:
         for row, check in zip(rows, checks):
-            row["champion"] = generation.pass_rate(check, champion_replies, samples)
+            row["champion"] = generation.score(check, champion_replies, samples).rate
         for item, reply in zip(shown, champion_replies):
             item["champion"] = reply
     return rows, shown, len(samples)
@@ -269,6 +279,20 @@ def _score_champion(model, champion_dir: Path, examples, reg_examples, pad_id) -
         regression = heldout_loss(model, reg_examples, pad_id) if reg_examples is not None else None
     log.info("held-out loss: champion %.4f", loss.loss)
     return {"loss": loss.to_dict(), "regression": regression.to_dict() if regression else None}
+
+
+def _check_row(check, base_replies, adapter_replies, samples) -> dict:
+    """One check's pass rates; outputs whose pattern search ran out of time count as failed and
+    are reported under `timeouts`."""
+    base = generation.score(check, base_replies, samples)
+    adapter = generation.score(check, adapter_replies, samples)
+    row = {"name": check.name, "type": check.type, "minPassRate": check.min_pass_rate,
+           "base": base.rate, "adapter": adapter.rate}
+    if base.timeouts or adapter.timeouts:
+        row["timeouts"] = {"base": base.timeouts, "adapter": adapter.timeouts}
+        log.warning("check %s: %d base and %d adapter outputs ran out of time (counted as failed)",
+                    check.name, base.timeouts, adapter.timeouts)
+    return row
 
 
 def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossResult]:
