@@ -81,7 +81,7 @@ def test_should_reject_a_second_run_worse_than_the_published_champion_end_to_end
     doc["spec"]["output"]["uri"] = "s3://out/v2"
     doc["spec"]["training"] = {**doc["spec"]["training"], "maxSteps": 1}  # a barely trained challenger
     doc["spec"]["evaluation"] = {"gate": {"champion": {"channel": "production"}}}
-    doc["champion"] = {"channel": "production", "runId": v1_meta["runId"], "adapter": "s3://out/v1/adapter"}
+    doc["champion"] = {"channel": "production", "runId": v1_meta["runId"], "adapter": v1_meta["artifacts"]["adapter"]}
     cfg.write_text(yaml.safe_dump(doc))
     assert _run(cfg, store, tmp_path, "v2") == 0  # Rejected is a clean exit
     report = json.loads((store / "out" / "v2" / "eval.json").read_text())
