@@ -38,6 +38,7 @@ cluster-down:  ## stop everything `make cluster` started
 
 crds: setup  ## regenerate crds/ from the pydantic models
 	$(PY) -m lora_operator.api.crd > crds/training.lora.dev_loratrainingjobs.yaml
+	$(PY) -m lora_operator.api.crd channels > crds/training.lora.dev_loraadapterchannels.yaml
 	$(PY) -m lora_operator.api.reference > docs/spec-reference.md
 	@if [ -d charts/lora-operator/crds ]; then cp crds/*.yaml charts/lora-operator/crds/; fi
 

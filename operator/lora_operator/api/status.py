@@ -56,11 +56,12 @@ class Checkpoints(ApiModel):
 
 
 class CheckResult(ApiModel):
-    """Base vs adapter on one metric."""
+    """Base vs adapter (and champion, when the gate names a channel) on one metric."""
 
     name: str = Field(description="Check or metric name.")
     base: Optional[float] = Field(default=None, description="Base model value.")
     adapter: Optional[float] = Field(default=None, description="Adapter value.")
+    champion: Optional[float] = Field(default=None, description="Value of the channel's live adapter, if compared.")
     threshold: Optional[str] = Field(default=None, description="Threshold from the gate, as text.")
     passed: Optional[bool] = Field(default=None, description="Whether the adapter met the threshold.")
 

@@ -14,6 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, PLURAL, VERSION
+from ..api.channel import CHANNEL_PLURAL
 
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -75,6 +76,48 @@ class KubeClient:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
             _content_type=MERGE, _request_timeout=self.timeout)
+
+    # LoRAAdapterChannels
+    def get_channel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_custom(CHANNEL_PLURAL, namespace, name)
+
+    def list_channels(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        return self._list_custom(CHANNEL_PLURAL, tuple(namespaces))
+
+    def patch_channel_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CHANNEL_PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE, _request_timeout=self.timeout)
+
+    def _get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _list_custom(self, plural: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        if not namespaces:
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)["items"]
+        items: list[dict[str, Any]] = []
+        for ns in namespaces:
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural)["items"]
+        return items
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def replace_configmap(self, manifest: Mapping[str, Any], resource_version: str) -> dict[str, Any]:
+        """Replace with the resourceVersion read: a concurrent writer makes this fail (409), not vanish."""
+        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": resource_version}}
+        meta = body["metadata"]
+        return self._call(self.core.replace_namespaced_config_map, meta["name"], meta["namespace"], body)
 
     # Children
     def list_jobs(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from ..status import (
     transition_events,
     workload_view,
 )
+from ..status.channel import resolve_champion
 
 log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
@@ -164,7 +165,8 @@ class Reconciler:
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
-        self.kube.create(build_configmap(owner, spec, image=image, endpoint=endpoint))
+        self.kube.create(build_configmap(owner, spec, image=image, endpoint=endpoint,
+                                         champion=self._champion(owner, spec)))
         if spec.resources.nodes > 1:
             self.kube.create(build_service(owner))
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
@@ -177,6 +179,14 @@ class Reconciler:
             self.metrics.observe_between(self.metrics.job_created, body["metadata"].get("creationTimestamp"),
                                          job["metadata"].get("creationTimestamp"))
         return job_view(job)
+
+    def _champion(self, owner: Owner, spec: LoRATrainingJobSpec) -> dict[str, Any] | None:
+        """Resolved once, when the first attempt's ConfigMap is made; later attempts reuse it."""
+        gate = spec.evaluation.gate.champion
+        if gate is None:
+            return None
+        body = self.kube.get_channel(owner.namespace, gate.channel)
+        return resolve_champion(gate.channel, body, spec.base_model.revision)
 
     def _read_progress(self, owner: Owner, spec: LoRATrainingJobSpec, jobs: list[JobView]) -> dict | None:
         """progress.json, at most once per LORA_PROGRESS_INTERVAL, always when an attempt ended."""
