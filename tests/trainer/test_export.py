@@ -72,9 +72,9 @@ def test_passing_job_publishes_adapter_merged_eval_and_metadata(published, w):
     assert sorted(p.name for p in out.iterdir()) == ["lora-metadata.json", "published"]
 
 
-def test_adapter_config_is_pure_lora_pointing_at_the_base_uri(published, w):
+def test_adapter_config_is_pure_lora_pointing_at_a_loadable_base(published, w):
     config = json.loads((_release(w) / "adapter/adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == published[0].base_model.uri
+    assert config["base_model_name_or_path"] == str(w["base"])  # file:// -> its path, loadable as is
     assert not config.get("modules_to_save")
     assert config["r"] == world.RANK and config["lora_alpha"] == world.ALPHA and config["peft_type"] == "LORA"
 
@@ -91,6 +91,13 @@ def test_metadata_records_provenance_and_lists_every_file(published, w):
     assert meta["spec"]["training"]["learningRate"] == spec.training.learning_rate  # resolved defaults
     assert meta["eval"]["gate"]["verdict"] == "Passed" and meta["eval"]["merged"]["maxAbsLogitDiff"] <= 1e-3
     assert meta["chatTemplateSha256"].startswith("sha256:") and meta["trainerVersion"]
+    import peft
+    import transformers
+
+    assert meta["libraries"]["peft"] == peft.__version__
+    assert meta["libraries"]["transformers"] == transformers.__version__
+    assert set(meta["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    assert meta["vllm"] == {"maxLoraRank": 16, "problems": []}
     assert meta["timestamps"]["startedAt"] == "2026-01-01T00:00:00Z" and meta["timestamps"]["publishedAt"]
     release = _release(w)
     on_disk = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
@@ -169,14 +176,36 @@ def test_adapter_with_modules_to_save_is_refused(passing, w, tmp_path):
         write_adapter(spec, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
 
 
-def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path):
+def test_rank_above_the_servers_max_lora_rank_is_published_with_a_warning(passing, w, tmp_path):
     spec, _ = passing
-    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 600, "alpha": 16.0})})
+    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 32, "alpha": 16.0})})
     shutil.copytree(w["adapter"], tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt/adapter_config.json").read_text())
-    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 600}))
+    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 32}))
     _, warnings = write_adapter(big, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
-    assert warnings and "vLLM cannot serve" in warnings[0]
+    assert warnings == ["rank 32 > the server's --max-lora-rank 16 (output.vllmMaxLoraRank): vLLM refuses "
+                        "to load this adapter"]
+
+
+def test_vllm_check_reports_every_incompatibility():
+    from lora_trainer.export import vllm_problems
+
+    config = {"r": 600, "use_dora": True, "bias": "all", "modules_to_save": ["score"],
+              "target_modules": ["q_proj", "embed_tokens", "lm_head"]}
+    problems = vllm_problems(config, 64)
+    assert len(problems) == 6, problems
+    assert any("embed_tokens, lm_head" in p for p in problems)
+    assert vllm_problems({"r": 16, "target_modules": "all-linear"}, 16) == []
+
+
+@pytest.mark.parametrize("uri,name", [("hf://meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+                                      ("file:///models/qwen", "/models/qwen"),
+                                      ("s3://models/base/qwen2.5-7b-instruct/", "qwen2.5-7b-instruct"),
+                                      ("pvc://models/llama", "llama")])
+def test_base_model_name_is_loadable_not_a_storage_uri(uri, name):
+    from lora_trainer.export import loadable_base_name
+
+    assert loadable_base_name(uri) == name
 
 
 def test_rejected_job_publishes_nothing(w, tmp_path):
@@ -267,6 +296,11 @@ def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp
     assert merged["maxAbsLogitDiff"] <= 1e-3
     assert merged["evalLoss"] != report.adapter.loss  # NF4 error is real, hence the 16-bit reload
     assert merged["evalLoss"] == pytest.approx(report.adapter.loss, rel=0.2)
+    # The gate compares the merged model with the 16-bit base it was merged into, not the NF4 base.
+    assert merged["baseEvalLoss"] != report.base.loss
+    assert merged["baseEvalLoss"] == pytest.approx(report.base.loss, rel=0.2)
+    [loss_row] = [r for r in merged["gate"]["results"] if r["name"] == "evalLoss"]
+    assert loss_row["base"] == merged["baseEvalLoss"] and loss_row["adapter"] == merged["evalLoss"]
     meta = json.loads(store.get_bytes(storage.join(key, "lora-metadata.json")))
     assert meta["quantization"] == "nf4" and meta["eval"]["merged"]["gate"]["passed"]
 

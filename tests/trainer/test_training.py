@@ -17,8 +17,9 @@ from lora_trainer.__main__ import run_job
 from lora_trainer.config import PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_chat_losses.json"
-# 48 examples -> 43 train rows of up to 4 x maxSeqLength tokens, batch 1: a dozen steps/epoch.
-GOLDEN_JOB = {"training.batchSize": 1, "training.epochs": 2, "training.checkpointEverySteps": 4,
+# 48 examples -> 43 train examples packed into rows of up to maxSeqLength tokens, 4 rows per step:
+# about a dozen steps/epoch.
+GOLDEN_JOB = {"training.batchSize": 4, "training.epochs": 2, "training.checkpointEverySteps": 4,
               "training.evalEverySteps": 4}
 TOL = 1e-4
 

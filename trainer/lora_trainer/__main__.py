@@ -1,4 +1,4 @@
-"""`lora-trainer`: run | train | evaluate | export CONFIG, and fingerprint PATH_OR_URI.
+"""`lora-trainer`: run | train | evaluate | export | inspect CONFIG, and fingerprint PATH_OR_URI.
 
 This module only parses arguments and maps exceptions to exit codes; the run order is `run.py`.
 
@@ -24,7 +24,7 @@ from lora_operator.api import SpecError
 from .config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 from .io.storage import fingerprint_uri
 from .recipe import Diverged, Preempted
-from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, run, run_after_training
+from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, inspect_job, run, run_after_training
 
 log = logging.getLogger("lora_trainer")
 
@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
         _runtime_flags(s)
+    i = sub.add_parser("inspect", help="show how each example will be trained (trained tokens marked)")
+    i.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
+    i.add_argument("--limit", type=int, default=None, help="print at most N examples (the summary counts all)")
+    i.add_argument("--json", action="store_true", help="one JSON object per example, then a summary")
+    _runtime_flags(i)
     f = sub.add_parser("fingerprint", help="print sha256:<hex> of a model directory or URI")
     f.add_argument("path", help="local path, file://, pvc:// or s3:// URI")
     _runtime_flags(f)
@@ -103,6 +108,16 @@ def exit_code(exc: Exception) -> int:
     return DATA_ERROR_EXIT_CODE if isinstance(exc, INVALID_INPUT) else 1
 
 
+def inspect(job, rt: RuntimeConfig, limit, as_json: bool) -> int:
+    """`inspect`: the prepare stage alone, printed; invalid data exits 2 as in training."""
+    try:
+        inspect_job(job, rt, limit=limit, as_json=as_json)
+    except Exception as exc:
+        print(f"lora-trainer: {error_message(exc)}", file=sys.stderr)
+        return exit_code(exc)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return DATA_ERROR_EXIT_CODE
     if args.command in ("evaluate", "export"):
         return after_training(args.command, job, rt)
+    if args.command == "inspect":
+        return inspect(job, rt, args.limit, args.json)
     return run_job({"run": RUN, "train": TRAIN}[args.command], job, rt)
 
 

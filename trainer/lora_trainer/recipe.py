@@ -21,12 +21,10 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import Job, RuntimeConfig
 from .data.packing import Schedule, collate_packed, collate_padded
 from .data.prepare import prepare_data
-from .data.records import IGNORE
 from .io import identity as ident
 from .io import preflight, release, storage, strictjson
 from .io.progress import ProgressWriter, mfu, peak_memory_bytes
@@ -34,6 +32,8 @@ from .io.reporting import StepReporter
 from .model import checkpoint as ckpt
 from .model import loading
 from .model.lora import add_lora, param_counts
+from .model.loss import sum_ce
+from .model.targets import check_targets
 from .model.verify import verify_files
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class LoRARecipe:
         self.last_eval: Optional[tuple[int, float]] = None
         self.stop_requested = False
         self.history: list[dict] = []  # per-step loss, for tests and the summary
+        self.warnings: list[str] = []  # reported before training (progress.json)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -100,18 +101,25 @@ class LoRARecipe:
             self.check_prefix_owner()
         self._setup_model()
         self._setup_schedule()
-        self.progress.update(datasetHashes=self.data.dataset_hashes,
-                             skippedLines=self.data.skipped_lines, trainableParams=self.trainable,
+        self.progress.update(datasetHashes=self.data.dataset_hashes, **self.data.stats(),
+                             trainableParams=self.trainable,
                              trainableFraction=self.trainable / self.total_params,
-                             totalSteps=self.total_steps)
+                             totalSteps=self.total_steps, warnings=self.warnings)
         self._maybe_resume()
         if self.stop_requested:
             raise Preempted("stopped by SIGTERM before training started")
 
     def _setup_model(self) -> None:
         s = self.spec
+        checkpointing = loading.gradient_checkpointing(s.training.gradient_checkpointing, s.quantization)
         base = loading.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
-                                  self.acc.device)
+                                 self.acc.device, attn=s.attn_implementation, checkpointing=checkpointing)
+        coverage = check_targets(base, s.lora.target_modules)
+        self.warnings = [w for w in [coverage.warning()] if w]
+        for warning in self.warnings:
+            log.warning(warning)
+        log.info("attention %s, gradient checkpointing %s", base.config._attn_implementation,
+                 "on" if checkpointing else "off")
         model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
         self.trainable, self.total_params = param_counts(model)
@@ -130,6 +138,12 @@ class LoRARecipe:
                                  t.gradient_accumulation_steps, self.acc.num_processes, t.seed)
         spe = self.schedule.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * spe
+        rows = t.batch_size * t.gradient_accumulation_steps * self.acc.num_processes
+        row_len = self.data.row_len or self.data.max_seq_length
+        log.info("an optimizer step takes %d rows (batchSize %d x gradientAccumulationSteps %d x %d "
+                 "processes) of up to %d tokens: up to %d tokens per step, %d steps per epoch",
+                 rows, t.batch_size, t.gradient_accumulation_steps, self.acc.num_processes, row_len,
+                 rows * row_len, spe)
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         # Not passed through accelerate.prepare: we step it exactly once per optimizer step.
         self.scheduler = get_scheduler(name, self.optimizer.optimizer if hasattr(
@@ -205,11 +219,10 @@ class LoRARecipe:
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
     def _sum_ce(self, batch, model=None) -> torch.Tensor:
+        """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            logits = (model or self.model)(**batch.model_inputs()).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+            return sum_ce(model or self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:

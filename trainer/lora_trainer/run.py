@@ -1,8 +1,9 @@
 """The run order of one job, in one screen: prepare -> train -> evaluate -> gate -> export.
 
 `run` is `lora-trainer run` (all stages) and `lora-trainer train` (prepare and train); it reads as
-the list of stages, each a plain call. `run_after_training` is `lora-trainer evaluate|export` on
-the checkpoints of a finished run. What each stage reads and writes:
+the list of stages, each a plain call. `inspect_job` is `lora-trainer inspect`: prepare alone.
+`run_after_training` is `lora-trainer evaluate|export` on the checkpoints of a finished run.
+What each stage reads and writes:
 
   prepare   preflight (output writable, inputs readable, the prefix is this job's: io.preflight,
             io.identity) before anything is downloaded; reads the pinned base model and the dataset
@@ -97,6 +98,25 @@ def run_after_training(job: Job, rt: RuntimeConfig, publish: bool):
     return report, uris
 
 
+def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: bool, out=None) -> dict:
+    """`lora-trainer inspect`: the prepare stage alone (same data path as training), then a report
+    of every training example with its trained tokens marked (data.inspection). Returns the summary."""
+    import sys
+
+    from .data.inspection import write_report
+    from .data.prepare import inspection_items
+
+    skw = rt.store_kwargs(job)
+    b = job.spec.base_model
+    tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
+    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
+    summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
+               "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
+    write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
+                 out=out or sys.stdout)
+    return summary
+
+
 def error_message(exc: BaseException) -> str:
     """The one-line error of progress.json, the termination message and the log."""
     return str(exc) if isinstance(exc, KNOWN_FAILURES) else f"{type(exc).__name__}: {exc}"
@@ -158,6 +178,7 @@ class StageContext:
     progress: Optional[ProgressWriter] = None
     max_seq_length: Optional[int] = None  # the training length (auto = p95)
     dataset_hashes: dict = field(default_factory=dict)
+    data_stats: dict = field(default_factory=dict)  # dropped / truncated / skipped counts
     identity: Optional[ident.JobIdentity] = None  # recorded with what is published
     checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
 
@@ -214,8 +235,9 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
     ref, manifest = best_checkpoint(store, key, mine, local)
     log.info("evaluating %s (held-out loss %s)", store.describe(ref.key), manifest.get("evalLoss"))
     return StageContext(job, rt, Path(base_dir), local / "adapter", ref, prepared.eval_jsonl, store, key,
-                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes), mine,
-                        manifest.get("evalLoss"))
+                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
+                        data_stats=prepared.stats(), identity=mine,
+                        checkpoint_eval_loss=manifest.get("evalLoss"))
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
@@ -274,7 +296,8 @@ def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
                              work_dir=ctx.runtime.work_dir,
                              run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
                              dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
-                             identity=ctx.identity, checkpoint_eval_loss=ctx.checkpoint_eval_loss)
+                             data_stats=ctx.data_stats, identity=ctx.identity,
+                             checkpoint_eval_loss=ctx.checkpoint_eval_loss)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris

@@ -1,10 +1,14 @@
 """Generation checks: greedy replies to held-out prompts, scored by the spec's checks.
 
 A sample is one held-out example cut at its last assistant turn: the prompt is the conversation
-before that turn rendered with the tokenizer's chat template plus the generation prompt; the
-reference is that turn's content. (Completion data: prompt and completion as given.)
+before that turn rendered as a serving stack renders it (the tokenizer's chat template, the
+generation prompt and spec.dataset.chatTemplateKwargs, e.g. enable_thinking); the reference is that
+turn's content. (Completion data: prompt and completion as given.)
 
-Every check sees the reply with special tokens removed and surrounding whitespace stripped:
+Every check sees the reply a user reads: special tokens removed, then the template's own reasoning
+block removed (`rendering.strip_reasoning`: a leading `<think>...</think>`, or everything up to
+`</think>` when the prompt opened the block; an unclosed block leaves an empty reply), then
+surrounding whitespace stripped:
 exactMatch compares it with the stripped reference, validJson parses it, jsonSchema parses and
 validates it (local `$ref`s only, nothing is fetched), mustMatch / mustNotMatch search it with a
 bounded engine (evaluation/patterns.py: RE2, or a time limit per output). A search that runs out of time
@@ -134,9 +138,12 @@ def pass_rate(check: GenerationCheck, replies: Sequence[str], samples: Sequence[
     return score(check, replies, samples).rate
 
 
-def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list[Sample]:
+def build_samples(examples: Sequence[dict], tokenizer, max_samples: int,
+                  template_kwargs: Optional[dict] = None) -> list[Sample]:
     """The first ``max_samples`` usable records as (prompt, reference); records without an
-    assistant turn (chat) or completion are skipped."""
+    assistant turn (chat) or completion, or that the template refuses, are skipped."""
+    from ..data.rendering import TemplateRefused, turn_prompt
+
     out: list[Sample] = []
     for ex in examples:
         if len(out) >= max_samples:
@@ -146,7 +153,10 @@ def build_samples(examples: Sequence[dict], tokenizer, max_samples: int) -> list
             last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
             if last is None:
                 continue
-            prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            try:
+                prompt = turn_prompt(tokenizer, msgs, last, template_kwargs)
+            except TemplateRefused:
+                continue
             out.append(Sample(prompt, msgs[last]["content"]))
         elif "prompt" in ex and "completion" in ex:
             # data.records.encode_completion puts BOS before the prompt; generate from the same tokens.
