@@ -50,6 +50,7 @@ Role per namespace is enough for the namespaced rows, plus the cluster-scoped CR
   ""                 secrets                    get    only when LORA_S3_ACCESS_KEY_ID is unset
   ""                 namespaces                 list watch             (kopf, with --all-namespaces)
   apiextensions.k8s.io customresourcedefinitions  list watch         (kopf's resource scanning)
+  kueue.x-k8s.io     workloads                  list patch             (Kueue's reasons; spec.active on suspend)
   API discovery (`/apis`, Kueue detection) is open to every authenticated user.
 tests/operator/test_operator_cluster.py runs the operator under exactly these rules.
 
@@ -79,6 +80,7 @@ RBAC_RULES: tuple[dict, ...] = (
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # drop with LORA_S3_ACCESS_KEY_ID set
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
 )
 
 

@@ -150,6 +150,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
         {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.verdict"},
+        # why a job waits (Kueue's own reason, a ResourceQuota, ...) or which Job runs it
+        {"name": "Admission", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Admitted")].message'},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

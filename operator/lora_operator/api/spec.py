@@ -360,7 +360,9 @@ class ResourcesSpec(ApiModel):
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     priority_class_name: Optional[str] = Field(
-        default=None, max_length=253, description="PriorityClass of the pods."
+        default=None, max_length=253,
+        description="PriorityClass of the pods; with a queue (Kueue) the name of a WorkloadPriorityClass, "
+        "set as the Job's kueue.x-k8s.io/priority-class label (pods then get no priorityClassName).",
     )
 
     rules = (

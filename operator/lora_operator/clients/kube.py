@@ -18,6 +18,9 @@ from ..api import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MERGE = "application/merge-patch+json"
+# Kueue's storage version: read without its conversion webhook, so even while Kueue is down.
+WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -99,6 +102,25 @@ class KubeClient:
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         return self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+
+    # Kueue
+    def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        """The Workload Kueue keeps for a Job (None when there is none, or no Kueue)."""
+        group, version, plural = WORKLOADS
+        try:
+            items = self._call(self.custom.list_namespaced_custom_object, group, version, namespace, plural,
+                               label_selector=f"{JOB_UID_LABEL}={job_uid}")["items"]
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return max(items, key=lambda w: w["metadata"].get("creationTimestamp") or "", default=None)
+
+    def patch_workload_active(self, namespace: str, name: str, active: bool, annotations: Mapping[str, Any]) -> dict:
+        group, version, plural = WORKLOADS
+        body = {"metadata": {"annotations": dict(annotations)}, "spec": {"active": active}}
+        return self._call(self.custom.patch_namespaced_custom_object, group, version, namespace, plural, name, body,
+                          _content_type=MERGE)
 
     def list_quotas(self, namespace: str) -> list[dict[str, Any]]:
         return self._call(self.core.list_namespaced_resource_quota, namespace)["items"]
