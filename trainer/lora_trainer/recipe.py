@@ -218,11 +218,11 @@ class LoRARecipe:
             return collate_packed(rows, self.data.row_len, self.tokenizer.pad_token_id)
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
-    def _sum_ce(self, batch) -> torch.Tensor:
+    def _sum_ce(self, batch, model=None) -> torch.Tensor:
         """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            return sum_ce(self.model, batch.model_inputs(), batch.labels)
+            return sum_ce(model or self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -309,15 +309,19 @@ class LoRARecipe:
 
     @torch.no_grad()
     def _heldout_loss(self) -> float:
-        """Mean cross-entropy over all target tokens of the held-out rows (all ranks)."""
+        """Mean cross-entropy over all target tokens of the held-out rows (all ranks).
+
+        Ranks hold different numbers of rows (fewer rows than ranks: none), so the forward passes
+        run on the unwrapped module: a DDP forward is a collective (buffer sync) and would hang."""
         self.model.eval()
+        model = self.acc.unwrap_model(self.model)
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
         mine = rows[rank::world]
         total = count = 0.0
         for i in range(0, len(mine), bs):
             batch = self._batch(mine[i:i + bs])
-            total += float(self._sum_ce(batch))
+            total += float(self._sum_ce(batch, model))
             count += batch.n_targets
         self.model.train()
         return self._all_sum(total) / max(self._all_sum(count), 1.0)
