@@ -52,5 +52,8 @@ def test_short_nf4_run_loads_trains_evaluates_and_exports(family_base, family, t
     meta = json.loads((out / "lora-metadata.json").read_text())
     assert meta["eval"]["merged"]["maxAbsLogitDiff"] <= meta["eval"]["merged"]["tolerance"]
     assert set(meta["lora"]["targetModules"]) == set(F.FAMILIES[family].linear)  # all-linear, fused ones too
+    assert meta["data"]["maxSeqLength"] == progress["maxSeqLength"] > 0  # resolved, not the spec's 0
+    assert meta["data"]["droppedExamples"] == progress["droppedExamples"]
+    assert meta["libraries"]["bitsandbytes"] and meta["vllm"]["maxLoraRank"] == 16
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(family_base(family))
