@@ -288,7 +288,8 @@ class OutputSpec(ApiModel):
     """Where artifacts and checkpoints go."""
 
     uri: Uri = _uri(
-        "Prefix for checkpoints/, adapter/, merged/ and lora-metadata.json (s3://, pvc:// or file://).",
+        "Prefix for checkpoints/, published/<release>/ and lora-metadata.json (s3://, pvc://; file:// for the "
+        "local CLI only, the operator refuses it).",
         pattern=OUTPUT_URI_PATTERN,
     )
     format: Literal["adapter", "merged", "both"] = Field(

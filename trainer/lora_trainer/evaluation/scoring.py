@@ -25,7 +25,6 @@ Measurement rules:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from ..data.prepare import fetch
 from ..data.records import IGNORE, Example, read_jsonl
 from ..data.rendering import reasoning_tags, strip_reasoning
 from ..io.storage import file_sha256, join
+from ..io.strictjson import dump_bytes
 from ..model.loading import load_base
 from . import generation
 from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
@@ -109,7 +109,7 @@ def progress_eval(report: EvalReport) -> dict[str, Any]:
 def write_eval_json(store, output_key: str, report: EvalReport) -> str:
     """Write `<output>/eval.json`; returns its key. Written whatever the verdict."""
     key = join(output_key, "eval.json")
-    store.put_bytes(key, json.dumps(report.to_dict(), indent=1, sort_keys=True).encode())
+    store.put_bytes(key, dump_bytes(report.to_dict(), indent=1, sort_keys=True))
     return key
 
 
@@ -228,12 +228,24 @@ def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict]
     with model.disable_adapter():
         base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
     adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
-    rows = [{"name": c.name, "type": c.type, "minPassRate": c.min_pass_rate,
-             "base": generation.pass_rate(c, base_replies, samples),
-             "adapter": generation.pass_rate(c, adapter_replies, samples)} for c in checks]
+    rows = [_check_row(c, base_replies, adapter_replies, samples) for c in checks]
     shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
              for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
     return rows, shown, len(samples)
+
+
+def _check_row(check, base_replies, adapter_replies, samples) -> dict:
+    """One check's pass rates; outputs whose pattern search ran out of time count as failed and
+    are reported under `timeouts`."""
+    base = generation.score(check, base_replies, samples)
+    adapter = generation.score(check, adapter_replies, samples)
+    row = {"name": check.name, "type": check.type, "minPassRate": check.min_pass_rate,
+           "base": base.rate, "adapter": adapter.rate}
+    if base.timeouts or adapter.timeouts:
+        row["timeouts"] = {"base": base.timeouts, "adapter": adapter.timeouts}
+        log.warning("check %s: %d base and %d adapter outputs ran out of time (counted as failed)",
+                    check.name, base.timeouts, adapter.timeouts)
+    return row
 
 
 def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossResult]:
