@@ -22,6 +22,7 @@ def _job(tmp_path, base, family: str):
     shapes = ("single", "system", "multi") if F.FAMILIES[family].system else ("single", "multi")
     rows = F.conversations(12, seed=3, shapes=shapes)
     (store / "data").mkdir(parents=True)
+    (store / "out").mkdir()  # the output bucket exists (the trainer checks before it starts)
     (store / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {
         "baseModel": {"uri": f"file://{base}", "revision": fingerprint_dir(base)},
@@ -55,5 +56,6 @@ def test_short_nf4_run_loads_trains_evaluates_and_exports(family_base, family, t
     assert meta["data"]["maxSeqLength"] == progress["maxSeqLength"] > 0  # resolved, not the spec's 0
     assert meta["data"]["droppedExamples"] == progress["droppedExamples"]
     assert meta["libraries"]["bitsandbytes"] and meta["vllm"]["maxLoraRank"] == 16
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter = store / progress["artifacts"]["adapter"].removeprefix("s3://")
+    config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(family_base(family))
