@@ -222,7 +222,7 @@ class LoRARecipe:
         """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            return sum_ce(model or self.model, batch.model_inputs(), batch.labels)
+            return sum_ce(model if model is not None else self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -311,8 +311,9 @@ class LoRARecipe:
     def _heldout_loss(self) -> float:
         """Mean cross-entropy over all target tokens of the held-out rows (all ranks).
 
-        Ranks hold different numbers of rows (fewer rows than ranks: none), so the forward passes
-        run on the unwrapped module: a DDP forward is a collective (buffer sync) and would hang."""
+        Ranks may hold different numbers of rows (rows[rank::world], and fitting may drop some),
+        so forwards go through the unwrapped model: a DDP forward is a collective (it broadcasts
+        buffers) and uneven calls would hang. Only the sums are all-reduced."""
         self.model.eval()
         model = self.acc.unwrap_model(self.model)
         rows = self.data.eval_rows

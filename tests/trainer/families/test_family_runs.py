@@ -53,6 +53,9 @@ def test_short_nf4_run_loads_trains_evaluates_and_exports(family_base, family, t
     meta = json.loads((out / "lora-metadata.json").read_text())
     assert meta["eval"]["merged"]["maxAbsLogitDiff"] <= meta["eval"]["merged"]["tolerance"]
     assert set(meta["lora"]["targetModules"]) == set(F.FAMILIES[family].linear)  # all-linear, fused ones too
-    adapter = store / "out" / meta["artifacts"]["adapter"].removeprefix("s3://out/")  # the release's adapter
+    assert meta["data"]["maxSeqLength"] == progress["maxSeqLength"] > 0  # resolved, not the spec's 0
+    assert meta["data"]["droppedExamples"] == progress["droppedExamples"]
+    assert meta["libraries"]["bitsandbytes"] and meta["vllm"]["maxLoraRank"] == 16
+    adapter = store / progress["artifacts"]["adapter"].removeprefix("s3://")
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(family_base(family))
