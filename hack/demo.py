@@ -54,7 +54,14 @@ def kubectl(*args: str, input: str | None = None, capture: bool = True) -> str:
 
 def start_cluster() -> dict[str, str]:
     step("Local control plane (first run builds the Kubernetes binaries; ~12 min on 2 cores)")
-    run(PY, "hack/localcluster.py", "up")
+    env = dict(os.environ)
+    # The two trainer pods run at once on this machine: a share of the cores each, not two threads
+    # each fighting over both (OpenMP threads spin while they wait). The pod runner passes these on;
+    # a control plane that is already up keeps the environment it was started with.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    passenv = [v for v in env.get("LORA_PODRUNNER_PASSENV", "").split(",") if v]
+    env["LORA_PODRUNNER_PASSENV"] = ",".join(dict.fromkeys([*passenv, "OMP_NUM_THREADS", "PYTHONPATH"]))
+    run(PY, "hack/localcluster.py", "up", env=env)
     return localcluster.read_s3_env(LOCAL / "s3.env")
 
 
@@ -71,9 +78,6 @@ def start_operator(s3: dict[str, str]) -> subprocess.Popen:
         "LORA_RESYNC_INTERVAL": "3",
         "LORA_METRICS_PORT": "0",
         "LORA_LIVENESS_ENDPOINT": "",
-        # Both jobs are applied at once; on 2 cores the operator's policy runs one at a time (the
-        # other waits with reason MaxRunningJobs), so each variant's wall time is measured alone.
-        "LORA_MAX_RUNNING_JOBS_PER_NAMESPACE": os.environ.get("LORA_MAX_RUNNING_JOBS_PER_NAMESPACE", "1"),
     }
     proc = subprocess.Popen([PY, "-m", "lora_operator", "--namespace", NAMESPACE], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -75,10 +75,13 @@ def pass_rates(checks: dict[str, Any], replies: Sequence[str], references: Seque
 def slice_report(spec, base_dir: Path, adapter_dir: Path, records: Sequence[dict]) -> dict[str, Any]:
     """Greedy replies of the base and of base + published adapter on `records`, scored by the
     job's own checks. The base is loaded as the job trained on it (quantized for QLoRA)."""
+    from transformers.utils import logging as hf_logging
+
     from lora_trainer import generation
     from lora_trainer.evaluation import load_adapted
     from lora_trainer.model import load_tokenizer
 
+    hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(adapter_dir)
     model = load_adapted(spec, base_dir, adapter_dir)
     samples = generation.build_samples(records, tokenizer, len(records))
