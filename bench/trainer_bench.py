@@ -45,7 +45,7 @@ def write_data(path: Path, n: int, seed: int) -> Path:
 def setup(work: Path, n_train: int) -> dict:
     import tiny
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     base = tiny.make_tiny_base(work / "base", hidden=256, layers=4, heads=4, vocab_size=512)
     data = work / "store" / "data"
@@ -68,7 +68,7 @@ def setup(work: Path, n_train: int) -> dict:
 
 
 def _encode(tokenizer, path: str):
-    from lora_trainer.data import encode_all, read_jsonl
+    from lora_trainer.data.records import encode_all, read_jsonl
 
     records, _ = read_jsonl(Path(path), "chat")
     return encode_all(tokenizer, records, "chat", False)
@@ -96,7 +96,7 @@ def _adapter_loss(base: str, adapter: str, eval_path: str) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_trainer.model import load_tokenizer
+    from lora_trainer.model.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter)
@@ -108,11 +108,11 @@ def _rss_mb() -> float:
 
 
 def child_ours(work: Path, paths: dict) -> dict:
-    from lora_trainer import checkpoint as ckpt
     from lora_trainer.__main__ import main
-    from lora_trainer.model import load_tokenizer
-    from lora_trainer.packing import make_rows, padding_fraction
-    from lora_trainer.storage import LocalStore
+    from lora_trainer.data.packing import make_rows, padding_fraction
+    from lora_trainer.io.storage import LocalStore
+    from lora_trainer.model import checkpoint as ckpt
+    from lora_trainer.model.loading import load_tokenizer
 
     t0 = time.perf_counter()
     code = main(["train", str(work / "job.yaml"), "--storage-dir", str(work / "store"),
@@ -136,7 +136,7 @@ def child_baseline(work: Path, paths: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lora_trainer.model import load_tokenizer
+    from lora_trainer.model.loading import load_tokenizer
 
     t0 = time.perf_counter()
     tok = load_tokenizer(Path(paths["base"]))

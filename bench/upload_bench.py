@@ -35,8 +35,8 @@ def run(work: Path, mb: int = 64) -> dict:
     import localcluster
     from minio import Minio
 
-    from lora_trainer import checkpoint as ckpt
-    from lora_trainer.storage import RetryingStore, S3Store
+    from lora_trainer.io.storage import RetryingStore, S3Store
+    from lora_trainer.model import checkpoint as ckpt
 
     env = localcluster.read_s3_env(ROOT / ".local" / "s3.env")
     os.environ.update(env)

@@ -107,7 +107,8 @@ def prepare_inputs() -> tuple[Path, Path, float]:
     step("Harbor Support data and the tiny generic base model")
     data = DEMO / "data"
     run(PY, str(EXAMPLE / "make_data.py"), "--out", str(data))
-    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py")
+    key = _source_hash(EXAMPLE / "make_data.py", EXAMPLE / "make_base.py",
+                       ROOT / "trainer" / "lora_trainer" / "model" / "tiny_tokenizer.py")
     base = CACHE / "demo" / f"harbor-base-{key}"
     built_s = 0.0
     if not (base / "config.json").exists():
@@ -137,7 +138,7 @@ def _split(uri: str) -> tuple[str, str]:
 
 def upload(s3: dict[str, str], data: Path, base: Path, outputs: list[str]) -> str:
     step("Upload to S3 (SeaweedFS)")
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     client = s3_client(s3)
     for bucket in ("models", "datasets", "artifacts"):

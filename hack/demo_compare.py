@@ -11,7 +11,7 @@ VRAM corners. The demo applies examples/harbor-support/job.yaml (QLoRA) and the 
   house reply must open with the apology, keep money in prose and escalate in the house sentence).
   The trainer's gate scores the first `maxSamples` held-out tickets of all kinds; the slice is
   scored here by loading the *published* adapter onto the base exactly as the trainer does
-  (`lora_trainer.evaluation.load_adapted`: NF4 for the QLoRA job) and running the job's own checks;
+  (`lora_trainer.evaluation.scoring.load_adapted`: NF4 for the QLoRA job) and running the job's own checks;
 - the adapter's size in object storage.
 
 Everything but `slice_report` is pure, so tests/examples/test_demo_compare.py covers it directly.
@@ -74,24 +74,29 @@ def pass_rates(checks: dict[str, Any], replies: Sequence[str], references: Seque
 
 def slice_report(spec, base_dir: Path, adapter_dir: Path, records: Sequence[dict]) -> dict[str, Any]:
     """Greedy replies of the base and of base + published adapter on `records`, scored by the
-    job's own checks. The base is loaded as the job trained on it (quantized for QLoRA)."""
+    job's own checks the way the trainer's evaluation scores them (same prompts, same reasoning
+    stripping). The base is loaded as the job trained on it (quantized for QLoRA)."""
     from transformers.utils import logging as hf_logging
 
-    from lora_trainer import generation
-    from lora_trainer.evaluation import load_adapted
-    from lora_trainer.model import load_tokenizer
+    from lora_trainer.data.rendering import reasoning_tags, strip_reasoning
+    from lora_trainer.evaluation import generation
+    from lora_trainer.evaluation.scoring import generate, load_adapted
+    from lora_trainer.model.loading import load_tokenizer
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(adapter_dir)
     model = load_adapted(spec, base_dir, adapter_dir)
-    samples = generation.build_samples(records, tokenizer, len(records))
+    samples = generation.build_samples(records, tokenizer, len(records), spec.dataset.chat_template_kwargs)
     prompts, refs = [s.prompt for s in samples], [s.reference for s in samples]
     checks = {c.name: generation.compile_check(c) for c in spec.evaluation.gate.checks}
-    new = spec.evaluation.max_new_tokens
+    new, tags = spec.evaluation.max_new_tokens, reasoning_tags(tokenizer)
+
+    def replies() -> list[str]:
+        return [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, new)]
+
     with model.disable_adapter():
-        base = pass_rates(checks, generation.generate(model, tokenizer, prompts, new), refs)
-    adapter = pass_rates(checks, generation.generate(model, tokenizer, prompts, new), refs)
-    return {"samples": len(samples), "base": base, "adapter": adapter}
+        base = pass_rates(checks, replies(), refs)
+    return {"samples": len(samples), "base": base, "adapter": pass_rates(checks, replies(), refs)}
 
 
 # --- the table ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tiny, deterministic artefacts for tests: a random-init Llama base with a trained BPE tokenizer
-and a ChatML chat template, plus small chat / completion JSONL datasets.
+and a ChatML chat template (lora_trainer.model.tiny_tokenizer, shared with the demo's base), plus
+small chat / completion JSONL datasets.
 
 Everything is a pure function of its arguments (same seed -> byte-identical files), and building a
 base takes well under a few seconds on a CPU.
@@ -10,15 +11,6 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 
 _NAMES = ["Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
 _THINGS = ["ticket", "invoice", "server", "password", "order", "badge", "printer", "laptop"]
@@ -58,34 +50,17 @@ def make_tiny_base(
 ) -> Path:
     """Write a random-init LlamaForCausalLM + fast tokenizer (with chat template) to ``path``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from lora_trainer.model.tiny_tokenizer import build_chatml_tokenizer
 
     hf_logging.disable_progress_bar()
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     texts = list(texts) if texts is not None else default_corpus(seed=seed)
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    fast = build_chatml_tokenizer(texts, vocab_size)
     fast.save_pretrained(path)
 
     torch.manual_seed(seed)
@@ -141,8 +116,3 @@ def _write_jsonl(path, rows) -> Path:
 def make_chat_jsonl(path, n: int = 32, seed: int = 0) -> Path:
     """Write ``n`` chat examples (system/user/assistant) as JSONL."""
     return _write_jsonl(path, chat_examples(n, seed))
-
-
-def make_completion_jsonl(path, n: int = 32, seed: int = 0) -> Path:
-    """Write ``n`` prompt/completion examples as JSONL."""
-    return _write_jsonl(path, completion_examples(n, seed))

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -27,15 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-# The same ChatML template and special tokens as the project's test fixtures (tests/tiny.py),
-# except that a turn ends with <|im_end|>, which is therefore also the eos token.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"]
+from lora_trainer.model.tiny_tokenizer import build_chatml_tokenizer
+
 IGNORE = -100
 
 
@@ -44,26 +36,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>"],
-        model_max_length=512,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    # The ChatML tokenizer of the project's test fixtures, except that a turn ends with <|im_end|>,
+    # which is therefore also the eos token (generation stops at the end of the reply).
+    return build_chatml_tokenizer(texts, vocab_size, eos_token="<|im_end|>", model_max_length=512)
 
 
 def encode(tok: PreTrainedTokenizerFast, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:

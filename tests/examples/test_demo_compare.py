@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lora_operator.api import parse_manifest
-from lora_trainer import generation
+from lora_trainer.evaluation import generation
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "harbor-support"

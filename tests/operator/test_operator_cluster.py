@@ -354,7 +354,7 @@ def test_should_train_a_tiny_model_end_to_end_with_the_real_trainer(namespace, a
                                                                     tmp_path):
     import tiny
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     base = tiny.make_tiny_base(tmp_path / "base")
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
@@ -388,7 +388,7 @@ def test_should_fail_at_once_naming_the_line_when_the_real_trainer_meets_bad_dat
                                                                                    operator_factory, tmp_path):
     import tiny
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     base = tiny.make_tiny_base(tmp_path / "base")
     for path in sorted(p for p in base.rglob("*") if p.is_file()):

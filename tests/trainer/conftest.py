@@ -17,14 +17,14 @@ def tiny_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base):
-    from lora_trainer.model import load_tokenizer
+    from lora_trainer.model.loading import load_tokenizer
 
     return load_tokenizer(tiny_base)
 
 
 def job_spec(base: Path, **over) -> dict:
     """A small bare spec: base at file://, data and output in the store's `data`/`out` buckets."""
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     spec = {
         "baseModel": {"uri": f"file://{base}", "revision": fingerprint_dir(base)},

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from lora_trainer import checkpoint as ckpt
-from lora_trainer.progress import FIELDS, ProgressWriter, write_termination_message
-from lora_trainer.storage import LocalStore
+from lora_trainer.io.progress import FIELDS, ProgressWriter, write_termination_message
+from lora_trainer.io.storage import LocalStore
+from lora_trainer.model import checkpoint as ckpt
 
 
 def _local_ckpt(tmp_path, step):

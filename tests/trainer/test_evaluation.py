@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
 
 from lora_operator.api import EvaluationStatus, GenerationCheck
-from lora_trainer.generation import CheckConfigError, build_samples, compile_check
+from lora_trainer.evaluation.generation import CHECK_TYPES, CheckConfigError, build_samples, compile_check
 
 REF = '{"status": "ok"}'
 SCHEMA = {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok"]}}}
@@ -53,6 +53,22 @@ def test_broken_check_is_refused_before_generating(check, match):
         compile_check(GenerationCheck.model_validate({"name": "broken", **check}))
 
 
+def test_every_api_check_type_has_exactly_one_entry_in_the_check_table():
+    import typing
+
+    from lora_operator.api.spec import CheckType
+
+    assert sorted(CHECK_TYPES) == sorted(typing.get_args(CheckType))
+
+
+def test_unknown_check_type_is_an_error_not_a_must_not_match():
+    # A spec from a newer API version (or a typo past validation) must never pass silently.
+    check = GenerationCheck.model_construct(name="future", type="semanticMatch", pattern="x",
+                                            json_schema=None, min_pass_rate=1.0)
+    with pytest.raises(CheckConfigError, match="unknown check type 'semanticMatch'"):
+        compile_check(check)
+
+
 def test_samples_cut_the_conversation_at_the_last_assistant_turn(tokenizer):
     record = {"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "first"},
@@ -86,7 +102,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(w):
-    from lora_trainer.evaluation import evaluate
+    from lora_trainer.evaluation.scoring import evaluate
 
     spec = world.make_spec(w["root"])
     return evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"], checkpoint_step=40,
@@ -107,10 +123,10 @@ def test_adapter_that_learned_the_greeting_passes_the_gate(report):
 
 @pytest.mark.slow
 def test_base_and_adapter_are_scored_on_the_same_assistant_tokens(report, w):
-    from lora_trainer.data import IGNORE, encode_chat
+    from lora_trainer.data.records import IGNORE, encode_chat
 
-    assistant_tokens = sum(sum(1 for x in encode_chat(w["tokenizer"], r["messages"]).labels if x != IGNORE)
-                           for r in w["records"])
+    assistant_tokens = sum(sum(1 for x in ex.labels if x != IGNORE)
+                           for r in w["records"] for ex in encode_chat(w["tokenizer"], r["messages"]))
     assert report.base.tokens == report.adapter.tokens == assistant_tokens
     assert report.adapter.perplexity == pytest.approx(math.exp(report.adapter.loss))
 
@@ -126,8 +142,8 @@ def test_regression_data_is_scored_for_base_and_adapter(report):
 def test_eval_json_and_progress_eval_carry_numbers_and_verdict(report, tmp_path):
     import json
 
-    from lora_trainer.evaluation import progress_eval, write_eval_json
-    from lora_trainer.storage import LocalStore
+    from lora_trainer.evaluation.scoring import progress_eval, write_eval_json
+    from lora_trainer.io.storage import LocalStore
 
     key = write_eval_json(LocalStore(tmp_path), "out", report)
     doc = json.loads((tmp_path / key).read_text())
@@ -144,7 +160,7 @@ def test_eval_json_and_progress_eval_carry_numbers_and_verdict(report, tmp_path)
 
 @pytest.mark.slow
 def test_impossible_threshold_fails_with_one_reason_per_threshold(w):
-    from lora_trainer.evaluation import evaluate
+    from lora_trainer.evaluation.scoring import evaluate
 
     gate = {"maxEvalLoss": 1e-4, "checks": [
         {"name": "json", "type": "validJson", "minPassRate": 0.5},

@@ -13,8 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
 
-from lora_trainer import storage
-from lora_trainer.evaluation import evaluate, load_adapted
+from lora_trainer.evaluation.scoring import evaluate, load_adapted
 from lora_trainer.export import (
     ExportError,
     GateRejected,
@@ -24,6 +23,7 @@ from lora_trainer.export import (
     verify_merge,
     write_adapter,
 )
+from lora_trainer.io import storage
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,9 @@ def test_passing_job_publishes_adapter_merged_eval_and_metadata(published, w):
     assert not store.list(storage.join(key, ".staging")), "staging is cleaned up"
 
 
-def test_adapter_config_is_pure_lora_pointing_at_the_base_uri(published, w):
+def test_adapter_config_is_pure_lora_pointing_at_a_loadable_base(published, w):
     config = json.loads((_out(w) / "adapter/adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == published[0].base_model.uri
+    assert config["base_model_name_or_path"] == str(w["base"])  # file:// -> its path, loadable as is
     assert not config.get("modules_to_save")
     assert config["r"] == world.RANK and config["lora_alpha"] == world.ALPHA and config["peft_type"] == "LORA"
 
@@ -84,6 +84,13 @@ def test_metadata_records_provenance_and_lists_every_file(published, w):
     assert meta["spec"]["training"]["learningRate"] == spec.training.learning_rate  # resolved defaults
     assert meta["eval"]["gate"]["verdict"] == "Passed" and meta["eval"]["merged"]["maxAbsLogitDiff"] <= 1e-3
     assert meta["chatTemplateSha256"].startswith("sha256:") and meta["trainerVersion"]
+    import peft
+    import transformers
+
+    assert meta["libraries"]["peft"] == peft.__version__
+    assert meta["libraries"]["transformers"] == transformers.__version__
+    assert set(meta["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    assert meta["vllm"] == {"maxLoraRank": 16, "problems": []}
     assert meta["timestamps"]["startedAt"] == "2026-01-01T00:00:00Z" and meta["timestamps"]["publishedAt"]
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"lora-metadata.json"}
     assert set(meta["files"]) == on_disk
@@ -127,7 +134,7 @@ def test_merged_model_matches_base_plus_adapter(published, w):
 
 
 def test_wrong_scale_merge_is_caught_with_the_measured_difference(passing, w, tmp_path):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     write_adapter(spec, w["adapter"], w["tokenizer"], tmp_path / "adapter")
@@ -160,18 +167,40 @@ def test_adapter_with_modules_to_save_is_refused(passing, w, tmp_path):
         write_adapter(spec, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
 
 
-def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path):
+def test_rank_above_the_servers_max_lora_rank_is_published_with_a_warning(passing, w, tmp_path):
     spec, _ = passing
-    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 600, "alpha": 16.0})})
+    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 32, "alpha": 16.0})})
     shutil.copytree(w["adapter"], tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt/adapter_config.json").read_text())
-    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 600}))
+    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 32}))
     _, warnings = write_adapter(big, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
-    assert warnings and "vLLM cannot serve" in warnings[0]
+    assert warnings == ["rank 32 > the server's --max-lora-rank 16 (output.vllmMaxLoraRank): vLLM refuses "
+                        "to load this adapter"]
+
+
+def test_vllm_check_reports_every_incompatibility():
+    from lora_trainer.export import vllm_problems
+
+    config = {"r": 600, "use_dora": True, "bias": "all", "modules_to_save": ["score"],
+              "target_modules": ["q_proj", "embed_tokens", "lm_head"]}
+    problems = vllm_problems(config, 64)
+    assert len(problems) == 6, problems
+    assert any("embed_tokens, lm_head" in p for p in problems)
+    assert vllm_problems({"r": 16, "target_modules": "all-linear"}, 16) == []
+
+
+@pytest.mark.parametrize("uri,name", [("hf://meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+                                      ("file:///models/qwen", "/models/qwen"),
+                                      ("s3://models/base/qwen2.5-7b-instruct/", "qwen2.5-7b-instruct"),
+                                      ("pvc://models/llama", "llama")])
+def test_base_model_name_is_loadable_not_a_storage_uri(uri, name):
+    from lora_trainer.export import loadable_base_name
+
+    assert loadable_base_name(uri) == name
 
 
 def test_rejected_job_publishes_nothing(w, tmp_path):
-    from lora_trainer.evaluation import write_eval_json
+    from lora_trainer.evaluation.scoring import write_eval_json
 
     spec = world.make_spec(tmp_path, gate={"maxEvalLoss": 1e-4})
     report = evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"])
@@ -184,19 +213,26 @@ def test_rejected_job_publishes_nothing(w, tmp_path):
 
 
 class FlakyStore:
-    """Fails for good (as RetryingStore does when its attempts are spent) on the nth put_file."""
+    """An outage from the nth write (put_file or copy) on: every write from then on fails for good,
+    as RetryingStore does when its attempts are spent."""
 
     def __init__(self, inner, fail_on: int):
-        self.inner, self.fail_on, self.puts = inner, fail_on, 0
+        self.inner, self.fail_on, self.writes = inner, fail_on, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def _write(self, op: str, *args):
+        self.writes += 1
+        if self.writes >= self.fail_on:
+            raise storage.StorageError(f"{op} {args[0]} failed after 5 attempts: ConnectionError")
+        return getattr(self.inner, op)(*args)
+
     def put_file(self, key, src):
-        self.puts += 1
-        if self.puts == self.fail_on:
-            raise storage.StorageError(f"put_file {key} failed after 5 attempts: ConnectionError")
-        return self.inner.put_file(key, src)
+        return self._write("put_file", key, src)
+
+    def copy(self, src_key, dst_key):
+        return self._write("copy", src_key, dst_key)
 
 
 @pytest.mark.parametrize("fail_on,previous_survives", [(2, True), (9, False)],
@@ -209,7 +245,7 @@ def test_failed_upload_leaves_no_half_artifact_that_looks_complete(passing, w, t
     args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
     publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="old")
     old_meta = store.get_bytes(storage.join(key, "lora-metadata.json"))
-    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd put is staging, the 9th promotion
+    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd write stages, the 9th promotes
     with pytest.raises(storage.StorageError):
         publish(spec, flaky, *args[2:], eval_records=w["records"], work_dir=tmp_path / "work", run_id="new")
     meta_key = storage.join(key, "lora-metadata.json")
@@ -234,13 +270,18 @@ def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp
     assert merged["maxAbsLogitDiff"] <= 1e-3
     assert merged["evalLoss"] != report.adapter.loss  # NF4 error is real, hence the 16-bit reload
     assert merged["evalLoss"] == pytest.approx(report.adapter.loss, rel=0.2)
+    # The gate compares the merged model with the 16-bit base it was merged into, not the NF4 base.
+    assert merged["baseEvalLoss"] != report.base.loss
+    assert merged["baseEvalLoss"] == pytest.approx(report.base.loss, rel=0.2)
+    [loss_row] = [r for r in merged["gate"]["results"] if r["name"] == "evalLoss"]
+    assert loss_row["base"] == merged["baseEvalLoss"] and loss_row["adapter"] == merged["evalLoss"]
     meta = json.loads(store.get_bytes(storage.join(key, "lora-metadata.json")))
     assert meta["quantization"] == "nf4" and meta["eval"]["merged"]["gate"]["passed"]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_merge_passes_the_16bit_tolerance(passing, w, tmp_path, dtype):
-    from lora_trainer.evaluation import encode_records
+    from lora_trainer.evaluation.scoring import encode_records
 
     spec, report = passing
     merge_adapter(w["base"], w["adapter"], tmp_path / "merged", w["tokenizer"], dtype=dtype,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lora_operator.api import EvaluationSpec
-from lora_trainer.gate import NO_THRESHOLDS, CheckRates, EvalMetrics, apply_gate
+from lora_trainer.evaluation.gate import NO_THRESHOLDS, CheckRates, EvalMetrics, apply_gate
 
 
 def _evaluation(**gate) -> EvaluationSpec:

@@ -8,10 +8,11 @@ import pytest
 import tiny
 import torch
 
-from lora_trainer import model as m
-from lora_trainer.data import encode_all
-from lora_trainer.packing import collate_packed, make_rows
-from lora_trainer.storage import fingerprint_dir
+from lora_trainer.data.packing import collate_packed, make_rows
+from lora_trainer.data.records import encode_all
+from lora_trainer.io.storage import fingerprint_dir
+from lora_trainer.model import loading as m
+from lora_trainer.model.lora import add_lora, param_counts
 
 
 def test_unpinned_base_is_refused(tiny_base, tmp_path):
@@ -64,8 +65,8 @@ def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_state.nested  # double quant
-    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
-    trainable, total = m.param_counts(model)
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    trainable, total = param_counts(model)
     assert 0 < trainable < total
     assert isinstance(model.base_model.model.model.layers[1].mlp.down_proj.base_layer,
                       bnb.nn.Linear4bit)
@@ -77,10 +78,26 @@ def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
 @pytest.mark.slow
 def test_fp32_lora_trains_only_the_adapter(tiny_base, tiny_tokenizer):
     base = m.load_base(tiny_base, "none", True, "float32", torch.device("cpu"))
-    model = m.add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     frozen = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
     losses = _train_steps(model, tiny_tokenizer)
     assert losses[-1] < losses[0] - 0.05, losses
     assert torch.equal(frozen, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_tiny_tokenizer_ends_turns_with_eos_only_when_asked():
+    from lora_trainer.model.tiny_tokenizer import IM_END, build_chatml_tokenizer
+
+    texts = tiny.default_corpus(n=20)
+    tests_tok = build_chatml_tokenizer(texts, 300)
+    demo_tok = build_chatml_tokenizer(texts, 300, eos_token=IM_END, model_max_length=512)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for tok in (tests_tok, demo_tok):
+        assert tok.apply_chat_template(chat, tokenize=False) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+    assert tests_tok.eos_token == "<|eos|>" and tests_tok.convert_tokens_to_ids(IM_END) != tests_tok.eos_token_id
+    assert demo_tok.eos_token_id == demo_tok.convert_tokens_to_ids(IM_END) and demo_tok.model_max_length == 512
+    with pytest.raises(ValueError, match="eos_token"):
+        build_chatml_tokenizer(texts, 300, eos_token="</s>")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_trainer import storage
-from lora_trainer.storage import LocalStore, NotFound, RetryingStore, S3Store, StorageError
+from lora_trainer.io import storage
+from lora_trainer.io.storage import LocalStore, NotFound, RetryingStore, S3Store, StorageError
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.cluster)])
@@ -90,15 +90,37 @@ def test_not_found_is_an_answer_not_retried(tmp_path):
 
 def test_uris_map_to_local_directories(tmp_path, monkeypatch):
     monkeypatch.delenv("S3_ENDPOINT", raising=False)
-    store, key = storage.open_uri("s3://bucket/a/b.jsonl", storage_dir=tmp_path, retry=False)
-    assert store.root == tmp_path / "bucket" and key == "a/b.jsonl"
+    store, key = storage.open_uri("s3://bucket/a/b.jsonl", storage_dir=tmp_path)
+    store.put_bytes(key, b"x")
+    assert (tmp_path / "bucket" / "a" / "b.jsonl").read_bytes() == b"x" and key == "a/b.jsonl"
     assert store.describe(key) == "s3://bucket/a/b.jsonl"
-    store, key = storage.open_uri("pvc://claim/models/x", pvc_root=tmp_path, retry=False)
-    assert store._path(key) == tmp_path / "claim" / "models" / "x"
-    store, key = storage.open_uri("file:///abs/path", retry=False)
-    assert store._path(key) == storage.Path("/abs/path")
+    assert store.local_path(key) is None  # a bucket stand-in is downloaded from, as S3 would be
+    store, key = storage.open_uri("pvc://claim/models/x", pvc_root=tmp_path)
+    assert store.local_path(key) == tmp_path / "claim" / "models" / "x"
+    store, key = storage.open_uri("file:///abs/path")
+    assert store.local_path(key) == storage.Path("/abs/path")
     with pytest.raises(StorageError, match="no S3 endpoint"):
         storage.open_uri("s3://bucket/k", s3_endpoint=None)
+
+
+def test_copy_within_a_store_and_a_missing_source_is_not_found(store):
+    store.put_bytes("staging/x", b"payload")
+    store.copy("staging/x", "final/x")
+    assert store.get_bytes("final/x") == b"payload" and store.exists("staging/x")
+    with pytest.raises(NotFound):
+        store.copy("staging/missing", "final/y")
+
+
+def test_open_uri_retries_with_the_runtime_policy(tmp_path, monkeypatch):
+    from lora_trainer.config import RuntimeConfig
+
+    rt = RuntimeConfig(storage_dir=tmp_path, retry_attempts=2, retry_base_delay_s=0.0)
+    store, _ = storage.open_uri("s3://bucket/k", **rt.store_kwargs())
+    flaky = Flaky(store.inner, "put_bytes", failures=2)
+    store.inner = flaky
+    with pytest.raises(StorageError, match="failed after 2 attempts"):
+        store.put_bytes("k", b"v")
+    assert flaky.calls == 2
 
 
 def test_fingerprint_covers_names_and_contents(tmp_path):

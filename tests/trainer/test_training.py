@@ -16,8 +16,9 @@ from lora_trainer.__main__ import run_job
 from lora_trainer.config import PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_chat_losses.json"
-# 48 examples -> 43 train rows of up to 4 x maxSeqLength tokens, batch 1: a dozen steps/epoch.
-GOLDEN_JOB = {"training.batchSize": 1, "training.epochs": 2, "training.checkpointEverySteps": 4,
+# 48 examples -> 43 train examples packed into rows of up to maxSeqLength tokens, 4 rows per step:
+# about a dozen steps/epoch.
+GOLDEN_JOB = {"training.batchSize": 4, "training.epochs": 2, "training.checkpointEverySteps": 4,
               "training.evalEverySteps": 4}
 TOL = 1e-4
 
@@ -45,8 +46,8 @@ def _progress(store) -> dict:
 
 def _history(store) -> list[float]:
     """Per-step losses recorded in the latest complete checkpoint."""
-    from lora_trainer import checkpoint as ckpt
-    from lora_trainer.storage import LocalStore
+    from lora_trainer.io.storage import LocalStore
+    from lora_trainer.model import checkpoint as ckpt
 
     s = LocalStore(store / "out")
     ref = ckpt.latest_complete(s, "job")
@@ -136,7 +137,7 @@ def test_bad_data_fails_with_one_line_naming_file_and_line(make_job, tmp_path):
 
 
 def test_fingerprint_cli_prints_the_content_hash(tiny_base, tmp_path):
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     proc = subprocess.run(trainer_cmd("fingerprint", f"file://{tiny_base}"), env=trainer_env(tmp_path),
                           capture_output=True, text=True, timeout=120)

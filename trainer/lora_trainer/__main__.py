@@ -1,4 +1,6 @@
-"""`lora-trainer`: run | train | evaluate | export CONFIG, and fingerprint PATH_OR_URI.
+"""`lora-trainer`: run | train | evaluate | export | inspect CONFIG, and fingerprint PATH_OR_URI.
+
+This module only parses arguments and maps exceptions to exit codes; the run order is `run.py`.
 
 Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
 (spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
@@ -8,14 +10,18 @@ checkpoint (the next attempt resumes).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
-import signal
 import sys
+from collections.abc import Set as AbstractSet
+
+from lora_operator.api import SpecError
 
 from .config import DATA_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from .io.storage import fingerprint_uri
+from .recipe import Preempted
+from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, inspect_job, run, run_after_training
 
 log = logging.getLogger("lora_trainer")
 
@@ -30,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
         _runtime_flags(s)
+    i = sub.add_parser("inspect", help="show how each example will be trained (trained tokens marked)")
+    i.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
+    i.add_argument("--limit", type=int, default=None, help="print at most N examples (the summary counts all)")
+    i.add_argument("--json", action="store_true", help="one JSON object per example, then a summary")
+    _runtime_flags(i)
     f = sub.add_parser("fingerprint", help="print sha256:<hex> of a model directory or URI")
     f.add_argument("path", help="local path, file://, pvc:// or s3:// URI")
     _runtime_flags(f)
@@ -60,77 +71,45 @@ def _quiet_libraries() -> None:
         pass
 
 
-def run_job(stages: set[str], job, rt: RuntimeConfig) -> int:
-    """Run the stages; always leaves a final progress.json state and termination message."""
-    from lora_operator.api import SpecError
-
-    from . import stages as st
-    from .data import DataError
-    from .model import RevisionError
-    from .progress import write_termination_message
-    from .recipe import LoRARecipe, Preempted, install_sigterm
-    from .storage import StorageError
-
-    recipe = LoRARecipe(job, rt)
-    previous = install_sigterm(recipe)
-    code, error = 0, None
+def run_job(stages: AbstractSet[str], job, rt: RuntimeConfig) -> int:
+    """`run`/`train`: the stages of run.run; the exit code says whether a retry can help."""
     try:
-        recipe.setup()
-        if recipe.stop_requested:
-            raise Preempted("stopped by SIGTERM before training started")
-        if "train" in stages:
-            recipe.train()
-        state = "Succeeded"
-        if recipe.rank0 and stages & {"evaluate", "export"}:
-            state = _after_training(recipe, stages, st)
-        recipe.progress.update(state=state, force=True)
-    except Preempted as exc:
-        code, error = PREEMPTED_EXIT_CODE, None
-        log.warning("%s; exiting with %d so the next attempt resumes", exc, code)
-        recipe.progress.update(state="Preempted", force=True)
-    except (DataError, SpecError, RevisionError) as exc:
-        code, error = DATA_ERROR_EXIT_CODE, str(exc)
-    except StorageError as exc:
-        code, error = 1, str(exc)
+        run(job, rt, frozenset(stages))
     except Exception as exc:
-        log.exception("trainer failed")
-        code, error = 1, f"{type(exc).__name__}: {exc}"
-    finally:
-        if error is not None:
-            log.error("%s", error)
-            if hasattr(recipe, "progress"):
-                recipe.progress.update(state="Failed", error=error, force=True)
-        data = recipe.progress.data if hasattr(recipe, "progress") else {"state": "Failed",
-                                                                          "error": error}
-        if getattr(recipe, "rank0", True):
-            write_termination_message(rt.termination_log, data)
-        recipe.cleanup()
-        signal.signal(signal.SIGTERM, previous)
-    return code
+        return exit_code(exc)
+    return 0
 
 
-def _after_training(recipe, stages, st) -> str:
-    # Free the training copy of the model before evaluation loads its own.
-    del recipe.model, recipe.optimizer
-    gc.collect()
-    ctx = st.build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
-    report, passed = st.run_evaluate(ctx)
-    if not passed:
-        log.warning("the evaluation gate refused the adapter: %s; not publishing",
-                    "; ".join(report.gate.reasons))
-        return "Rejected"
-    st.run_export(ctx, report)
-    return "Succeeded"
+def after_training(command: str, job, rt: RuntimeConfig) -> int:
+    """`evaluate`/`export` on the best checkpoint of a finished run."""
+    try:
+        report, uris = run_after_training(job, rt, publish=command == "export")
+    except Exception as exc:
+        return exit_code(exc)
+    print("gate:", "passed" if report.gate.passed else "refused: " + "; ".join(report.gate.reasons))
+    if uris is not None:
+        print(json.dumps(uris))
+    return 0
 
 
-def _stage_only(command: str, job, rt: RuntimeConfig) -> int:
-    from . import stages as st
+def exit_code(exc: Exception) -> int:
+    """Log `exc` and map it to the exit code (module docstring)."""
+    if isinstance(exc, Preempted):
+        log.warning("%s; exiting with %d so the next attempt resumes", exc, PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
+    if not isinstance(exc, KNOWN_FAILURES):
+        log.error("trainer failed", exc_info=exc)
+    log.error("%s", error_message(exc))
+    return DATA_ERROR_EXIT_CODE if isinstance(exc, INVALID_INPUT) else 1
 
-    ctx = st.build_context(job, rt)
-    report, passed = st.run_evaluate(ctx)
-    print("gate:", "passed" if passed else "refused: " + "; ".join(report.gate.reasons))
-    if command == "export" and passed:
-        print(json.dumps(st.run_export(ctx, report)))
+
+def inspect(job, rt: RuntimeConfig, limit, as_json: bool) -> int:
+    """`inspect`: the prepare stage alone, printed; invalid data exits 2 as in training."""
+    try:
+        inspect_job(job, rt, limit=limit, as_json=as_json)
+    except Exception as exc:
+        print(f"lora-trainer: {error_message(exc)}", file=sys.stderr)
+        return exit_code(exc)
     return 0
 
 
@@ -143,21 +122,18 @@ def main(argv: list[str] | None = None) -> int:
                                 progress_interval_s=args.progress_interval_s,
                                 progress_bar=args.progress_bar)
     if args.command == "fingerprint":
-        from .storage import fingerprint_uri
-
         print(fingerprint_uri(args.path, **rt.store_kwargs()))
         return 0
-    from lora_operator.api import SpecError
-
     try:
         job = load_job(args.config)
     except SpecError as exc:
         print(f"lora-trainer: invalid config {args.config}: {exc}", file=sys.stderr)
         return DATA_ERROR_EXIT_CODE
     if args.command in ("evaluate", "export"):
-        return _stage_only(args.command, job, rt)
-    stages = {"run": {"train", "evaluate", "export"}, "train": {"train"}}[args.command]
-    return run_job(stages, job, rt)
+        return after_training(args.command, job, rt)
+    if args.command == "inspect":
+        return inspect(job, rt, args.limit, args.json)
+    return run_job({"run": RUN, "train": TRAIN}[args.command], job, rt)
 
 
 if __name__ == "__main__":

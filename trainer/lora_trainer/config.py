@@ -6,7 +6,7 @@ runtime settings and the runtime settings never change what is trained.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -74,8 +74,6 @@ class RuntimeConfig:
     "Attempts per storage call before the job fails."
     retry_base_delay_s: float = 0.5
     "First backoff delay; doubles per attempt, capped at 8 s."
-    extra: dict = field(default_factory=dict)
-    "Free-form extras for the evaluation/export stages."
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir)
@@ -111,19 +109,5 @@ class RuntimeConfig:
     def store_kwargs(self, job: Optional[Job] = None) -> dict:
         """Keyword arguments for `storage.open_uri`."""
         endpoint = self.s3_endpoint or (job.spec.storage.endpoint if job else None)
-        return {"storage_dir": self.storage_dir, "s3_endpoint": endpoint, "pvc_root": self.pvc_root}
-
-
-def field_help() -> dict[str, str]:
-    """Help line per RuntimeConfig field (from the docstrings under each field)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(RuntimeConfig))
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            out[node.target.id] = nxt.value.value
-    assert set(out) == {f.name for f in fields(RuntimeConfig)}, "every field needs a help line"
-    return out
+        return {"storage_dir": self.storage_dir, "s3_endpoint": endpoint, "pvc_root": self.pvc_root,
+                "retry_attempts": self.retry_attempts, "retry_base_delay_s": self.retry_base_delay_s}

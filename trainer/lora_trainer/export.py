@@ -1,7 +1,7 @@
 """Publishing an adapter that passed the gate: `adapter/`, `merged/`, `eval.json` and, last,
 `lora-metadata.json` under spec.output.uri.
 
-Entry point (the CLI's `export` and `run` call it after `evaluation.evaluate`):
+Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the gate):
 
     uris = publish(spec, store, output_key, base_dir, adapter_dir, report, tokenizer,
                    eval_records=..., work_dir=..., run_id=..., dataset_hashes=...)
@@ -19,7 +19,8 @@ bake the quantization error into every weight, and dequantize-merge-requantize l
 Hence the merge is verified against the 16-bit base + the *checkpoint's* adapter, unmerged: their
 logits on a few held-out samples must agree within MERGE_TOLERANCE for the dtype, else the export
 fails with the measured difference (`merge_tolerance`). The held-out loss is then recomputed on the merged model and
-the gate's loss thresholds re-applied to it, because the artifact that ships is the one evaluated.
+the gate's loss thresholds re-applied to it against the 16-bit base's loss on the same examples (the base it was
+merged into, not the NF4 one training saw), because the artifact that ships is the one evaluated.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from typing import Optional
 
 import torch
 
-from . import storage
-from .evaluation import EvalReport, encode_records, eval_device, heldout_loss
-from .gate import apply_gate
-from .metadata import FILENAME as METADATA
-from .metadata import build_metadata
+from .evaluation.gate import apply_gate
+from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss, pad_token_id
+from .io import storage
+from .io.metadata import FILENAME as METADATA
+from .io.metadata import build_metadata
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 MERGE_TOLERANCE = {"float32": (1e-3, 1e-5), "bfloat16": (0.0, 0.05), "float16": (0.0, 0.01)}
 MERGE_SAMPLES = 4
 MERGE_PROBE_TOKENS = 256  # per sample: enough to exercise every layer, bounded logits memory
-VLLM_MAX_LORA_RANK = 512
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+VLLM_MAX_LORA_RANK = 512  # the largest --max-lora-rank vLLM accepts
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "output")
 
 
 class ExportError(RuntimeError):
@@ -96,10 +97,10 @@ def write_adapter(spec, adapter_dir: Path, tokenizer, dest: Path) -> tuple[dict,
                           f" the spec says rank={rank} alpha={alpha:g}")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ExportError(f"{adapter_dir} has no adapter_model.safetensors")
-    warnings = _vllm_warnings(config)
+    warnings = vllm_problems(config, spec.output.vllm_max_lora_rank)
     for warning in warnings:
         log.warning(warning)
-    config.update(base_model_name_or_path=spec.base_model.uri, inference_mode=True)
+    config.update(base_model_name_or_path=loadable_base_name(spec.base_model.uri), inference_mode=True)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(dest))
     shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
@@ -107,16 +108,44 @@ def write_adapter(spec, adapter_dir: Path, tokenizer, dest: Path) -> tuple[dict,
     return config, warnings
 
 
-def _vllm_warnings(config: dict) -> list[str]:
-    """What would stop `vllm serve --lora-modules` from loading the adapter (PEFT still can)."""
+def loadable_base_name(uri: str) -> str:
+    """What `AutoPeftModelForCausalLM` can load the base from: the hub id of hf://org/name, the
+    path of file:///path, else the base directory's name (place the base under that name, or pass
+    the base model explicitly). The URI and revision are in lora-metadata.json."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        return f"{parsed.netloc}{parsed.path}".strip("/")
+    if parsed.scheme == "file":
+        return parsed.path
+    return (parsed.path.rstrip("/").rsplit("/", 1)[-1]) or parsed.netloc
+
+
+def _targets(config: dict) -> list[str]:
+    targets = config.get("target_modules") or []
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def vllm_problems(config: dict, max_lora_rank: int) -> list[str]:
+    """Every reason `vllm serve --enable-lora --max-lora-rank <max_lora_rank>` would refuse the
+    adapter (PEFT still loads it)."""
     out = []
-    if config.get("r", 0) > VLLM_MAX_LORA_RANK:
-        out.append(f"rank {config['r']} > {VLLM_MAX_LORA_RANK}: vLLM cannot serve this adapter "
-                   f"(max_lora_rank is at most {VLLM_MAX_LORA_RANK}); PEFT can")
+    rank = config.get("r", 0)
+    if rank > max_lora_rank:
+        out.append(f"rank {rank} > the server's --max-lora-rank {max_lora_rank} (output.vllmMaxLoraRank): "
+                   f"vLLM refuses to load this adapter")
+    if rank > VLLM_MAX_LORA_RANK:
+        out.append(f"rank {rank} > {VLLM_MAX_LORA_RANK}, the largest --max-lora-rank vLLM accepts")
     if config.get("use_dora"):
         out.append("use_dora: vLLM does not serve DoRA adapters")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         out.append("LoRA bias terms: vLLM does not serve them")
+    if config.get("modules_to_save"):
+        out.append(f"modules_to_save {config['modules_to_save']}: vLLM serves pure LoRA weights only")
+    heads = [t for t in _targets(config) if t.rsplit(".", 1)[-1] in EMBEDDING_MODULES]
+    if heads:
+        out.append(f"LoRA on {', '.join(heads)}: vLLM does not serve embedding or output-head adapters")
     return out
 
 
@@ -179,6 +208,8 @@ def verify_merge(spec, base_dir: Path, ref_adapter_dir: Path, merged_dir: Path, 
     probe = [ex.ids[:MERGE_PROBE_TOKENS] for ex in examples[:MERGE_SAMPLES]]
     ref = PeftModel.from_pretrained(_load_unquantized(base_dir, dtype, device), str(ref_adapter_dir)).eval()
     want = _logits(ref, probe)
+    with ref.disable_adapter():  # the 16-bit base the adapter was merged into, not the NF4 one
+        base = heldout_loss(ref, examples, pad_id)
     del ref
     _free(device)
     merged = _load_unquantized(merged_dir, dtype, device)
@@ -189,11 +220,12 @@ def verify_merge(spec, base_dir: Path, ref_adapter_dir: Path, merged_dir: Path, 
     if not diff <= tolerance:
         raise MergeMismatch(diff, tolerance, dtype)
     loss = heldout_loss(merged, examples, pad_id)
-    metrics = dataclasses.replace(report.metrics(), adapter_loss=loss.loss)
+    metrics = dataclasses.replace(report.metrics(), base_loss=base.loss, adapter_loss=loss.loss)
     verdict = apply_gate(spec.evaluation, metrics)
     return {"maxAbsLogitDiff": diff, "tolerance": tolerance, "dtype": dtype, "samples": len(probe),
             "reference": "16-bit base + checkpoint adapter, unmerged",
-            "evalLoss": loss.loss, "perplexity": loss.perplexity, "gate": verdict.to_dict()}
+            "evalLoss": loss.loss, "perplexity": loss.perplexity, "baseEvalLoss": base.loss,
+            "gate": verdict.to_dict()}
 
 
 # --- publishing -----------------------------------------------------------------------------------
@@ -214,23 +246,20 @@ def _promote(store, staged: Path, staging_key: str, output_key: str) -> None:
 
 
 def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
-    """Server-side copy on S3 (no second upload of the weights); otherwise put the local file."""
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.S3Store) and local.stat().st_size < 5 * 1024**3:
-        from minio.commonconfig import CopySource
-
-        try:
-            inner.client.copy_object(inner.bucket, dst_key, CopySource(inner.bucket, src_key))
-            return
-        except Exception as exc:
-            log.warning("server-side copy to %s failed (%s); uploading", store.describe(dst_key), exc)
-    store.put_file(dst_key, local)
+    """Server-side copy where the store can (no second upload of the weights); otherwise put the
+    local file."""
+    try:
+        store.copy(src_key, dst_key)
+    except (storage.StorageError, storage.NotFound) as exc:
+        log.warning("copy to %s failed (%s); uploading", store.describe(dst_key), exc)
+        store.put_file(dst_key, local)
 
 
 def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, report: EvalReport, tokenizer, *,
             eval_records: Sequence[dict], work_dir: Path, run_id: Optional[str] = None,
             dataset_hashes: Optional[dict] = None, max_seq_length: Optional[int] = None,
-            started_at: Optional[str] = None, device: Optional[torch.device] = None) -> dict:
+            started_at: Optional[str] = None, device: Optional[torch.device] = None,
+            data_stats: Optional[dict] = None) -> dict:
     """Build, verify, stage and promote the artifacts (see module docstring); returns their URIs.
 
     `adapter_dir` is the evaluated checkpoint's PEFT adapter directory; `store`/`output_key` come
@@ -261,7 +290,9 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
     }
     meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
                           files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
-                          started_at=started_at, warnings=warnings)
+                          started_at=started_at, warnings=warnings,
+                          data={**(data_stats or {}), "maxSeqLength": max_seq_length},
+                          vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings})
     store.put_bytes(storage.join(output_key, METADATA), json.dumps(meta, indent=1, sort_keys=True).encode())
     _cleanup(store, staging_key, local)
     log.info("published %s", ", ".join(f"{k}={v}" for k, v in uris.items() if v))
@@ -274,7 +305,7 @@ def _merge_and_verify(spec, base_dir, adapter_dir, local, report, tokenizer, eva
     # Merge what ships (adapter/ as written), verify against what was evaluated (the checkpoint).
     merge_adapter(base_dir, local / "adapter", local / "merged", tokenizer, dtype=dtype, device=device)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     report.merged = verify_merge(spec, base_dir, adapter_dir, local / "merged", examples, report, pad_id,
                                  dtype=dtype, device=device)
     if not report.merged["gate"]["passed"]:

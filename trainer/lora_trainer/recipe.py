@@ -19,21 +19,21 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import model as modelmod
-from . import storage
 from .config import Job, RuntimeConfig
-from .data import IGNORE
-from .packing import Schedule, collate_packed, collate_padded
-from .prepare import prepare_data
-from .progress import ProgressWriter, mfu, peak_memory_bytes
-from .reporting import StepReporter
+from .data.packing import Schedule, collate_packed, collate_padded
+from .data.prepare import prepare_data
+from .io import storage
+from .io.progress import ProgressWriter, mfu, peak_memory_bytes
+from .io.reporting import StepReporter
+from .model import checkpoint as ckpt
+from .model import loading
+from .model.lora import add_lora, param_counts
+from .model.loss import sum_ce
+from .model.targets import check_targets
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class LoRARecipe:
         self.last_eval: Optional[tuple[int, float]] = None
         self.stop_requested = False
         self.history: list[dict] = []  # per-step loss, for tests and the summary
+        self.warnings: list[str] = []  # reported before training (progress.json)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -74,34 +75,42 @@ class LoRARecipe:
         self.rt.work_dir.mkdir(parents=True, exist_ok=True)
         skw = self.rt.store_kwargs(self.job)
         self.out_store, self.out_key = storage.open_uri(self.spec.output.uri, **skw)
-        self.out_store = _with_retries(self.out_store, self.rt)
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
                                        self.rt.progress_interval_s, self.rt.attempt)
         self.progress.update(state="Preparing", force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():
-            self.base_dir = modelmod.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
-        self.tokenizer = modelmod.load_tokenizer(self.base_dir)
+            self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
+        self.tokenizer = loading.load_tokenizer(self.base_dir)
         with self.acc.local_main_process_first():
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
                                      self.spec.training.seed, **skw)
         log.info("data: %s", self.data.summary())
         self._setup_model()
         self._setup_schedule()
-        self.progress.update(datasetHashes=self.data.dataset_hashes,
-                             skippedLines=self.data.skipped_lines, trainableParams=self.trainable,
+        self.progress.update(datasetHashes=self.data.dataset_hashes, **self.data.stats(),
+                             trainableParams=self.trainable,
                              trainableFraction=self.trainable / self.total_params,
-                             totalSteps=self.total_steps)
+                             totalSteps=self.total_steps, warnings=self.warnings)
         self._maybe_resume()
+        if self.stop_requested:
+            raise Preempted("stopped by SIGTERM before training started")
 
     def _setup_model(self) -> None:
         s = self.spec
-        base = modelmod.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
-                                  self.acc.device)
-        model = modelmod.add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
+        checkpointing = loading.gradient_checkpointing(s.training.gradient_checkpointing, s.quantization)
+        base = loading.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
+                                 self.acc.device, attn=s.attn_implementation, checkpointing=checkpointing)
+        coverage = check_targets(base, s.lora.target_modules)
+        self.warnings = [w for w in [coverage.warning()] if w]
+        for warning in self.warnings:
+            log.warning(warning)
+        log.info("attention %s, gradient checkpointing %s", base.config._attn_implementation,
+                 "on" if checkpointing else "off")
+        model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
-        self.trainable, self.total_params = modelmod.param_counts(model)
+        self.trainable, self.total_params = param_counts(model)
         log.info("trainable params: %d of %d (%.4f%%)", self.trainable, self.total_params,
                  100 * self.trainable / self.total_params)
         t = s.training
@@ -117,6 +126,12 @@ class LoRARecipe:
                                  t.gradient_accumulation_steps, self.acc.num_processes, t.seed)
         spe = self.schedule.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * spe
+        rows = t.batch_size * t.gradient_accumulation_steps * self.acc.num_processes
+        row_len = self.data.row_len or self.data.max_seq_length
+        log.info("an optimizer step takes %d rows (batchSize %d x gradientAccumulationSteps %d x %d "
+                 "processes) of up to %d tokens: up to %d tokens per step, %d steps per epoch",
+                 rows, t.batch_size, t.gradient_accumulation_steps, self.acc.num_processes, row_len,
+                 rows * row_len, spe)
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         # Not passed through accelerate.prepare: we step it exactly once per optimizer step.
         self.scheduler = get_scheduler(name, self.optimizer.optimizer if hasattr(
@@ -153,11 +168,10 @@ class LoRARecipe:
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
     def _sum_ce(self, batch) -> torch.Tensor:
+        """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            logits = self.model(**batch.model_inputs()).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+            return sum_ce(self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -284,11 +298,6 @@ class LoRARecipe:
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
 
-    def save_adapter(self, dest: Path) -> Path:
-        """The current adapter in PEFT format (for evaluation / export)."""
-        self.acc.unwrap_model(self.model).save_pretrained(str(dest), safe_serialization=True)
-        return dest
-
     def cleanup(self) -> None:
         from accelerate.state import AcceleratorState
 
@@ -297,11 +306,6 @@ class LoRARecipe:
             if self.acc.num_processes > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         AcceleratorState._reset_state(True)  # a later recipe in this process starts afresh
-
-
-def _with_retries(store, rt: RuntimeConfig):
-    inner = storage._unwrap(store)
-    return storage.RetryingStore(inner, attempts=rt.retry_attempts, base_delay=rt.retry_base_delay_s)
 
 
 def install_sigterm(recipe: LoRARecipe):

@@ -21,14 +21,18 @@ Schema (camelCase; every key is always present, unknown values are null):
   bestCheckpoint    URI of the complete checkpoint with the lowest evalLoss (str)
   bestEvalLoss      its evalLoss (float)
   datasetHashes     {uri: "sha256:<hex>"} of every dataset file read
-  skippedLines      invalid lines skipped (onInvalidLine: skip) (int)
+  skippedLines      invalid lines skipped (onInvalidLine: skip), records the template refused included (int)
+  maxSeqLength      the resolved maximum example / packed row length (int)
+  droppedExamples   examples left out: longer than maxSeqLength, or nothing to train (int)
+  truncatedExamples examples cut after their last whole assistant turn (onOverlong: truncate) (int)
+  warnings          reported before training, e.g. LoRA targets that miss some linear layers (list of str)
   trainableParams   trainable (LoRA) parameters (int)
   trainableFraction trainable / all parameters (float)
   attempt           attempt number (LORA_ATTEMPT, from 1) (int)
   updatedAt         RFC 3339 UTC time of this write (str)
   error             one-line error message when Failed (str)
   eval              gate outcome {verdict, reasons, results} in the shape of status.evaluation,
-                    set after evaluation (evaluation.progress_eval)
+                    set after evaluation (evaluation.scoring.progress_eval)
   artifacts         {adapter, merged, eval, metadata} URIs once published
 
 MFU counts 4 x N + 2 x trainable FLOPs per token (= 6 x trainable + 4 x frozen parameters):
@@ -57,7 +61,8 @@ STATES = ("Preparing", "Training", "Evaluating", "Exporting", "Succeeded", "Fail
           "Preempted")
 FIELDS = ("state", "step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate",
           "tokensPerSecond", "peakMemoryBytes", "mfu", "etaSeconds", "lastCheckpoint",
-          "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "trainableParams",
+          "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "maxSeqLength",
+          "droppedExamples", "truncatedExamples", "warnings", "trainableParams",
           "trainableFraction", "attempt", "updatedAt", "error", "eval", "artifacts")
 
 

@@ -1,6 +1,6 @@
 """Evaluation of the base model and the adapter on the same held-out data, and the gate verdict.
 
-Entry points (the CLI's `evaluate` and `run` call these; nothing here does storage I/O except
+Entry points (`run.evaluate` calls these; nothing here does storage I/O except
 `write_eval_json` and `load_regression_records`):
 
     report = evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer,
@@ -10,13 +10,15 @@ Entry points (the CLI's `evaluate` and `run` call these; nothing here does stora
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
 
 Measurement rules:
-- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.encode_all`:
-  assistant turns only unless trainOnPrompt), unpacked, truncated to the training maxSeqLength;
-  perplexity = exp(loss). Base and adapter see identical token sets.
+- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.encoding`:
+  assistant turns only unless trainOnPrompt), unpacked, fitted to the training maxSeqLength as
+  training fits (onOverlong); perplexity = exp(loss). Base and adapter see identical token sets.
 - The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
   what training started from (quantized as in training).
-- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records (see
-  `generation.py` for how prompts, references and checks are defined).
+- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records, prompts
+  rendered as a server renders them (chatTemplateKwargs included), replies without the template's
+  reasoning block (see `generation.py` for how prompts, references and checks are defined;
+  `generate` below).
 - On CPU everything runs in float32 (bf16 matmuls on CPU are slow and not what a GPU does);
   on CUDA in spec.computeDtype.
 """
@@ -33,8 +35,14 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.encoding import encode_records as _encode
+from ..data.encoding import fit
+from ..data.prepare import fetch
+from ..data.records import IGNORE, Example, read_jsonl
+from ..data.rendering import reasoning_tags, strip_reasoning
+from ..io.storage import file_sha256, join
+from ..model.loading import load_base
 from . import generation
-from .data import IGNORE, Example, encode_all, read_jsonl, truncate
 from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
 
 log = logging.getLogger(__name__)
@@ -100,8 +108,6 @@ def progress_eval(report: EvalReport) -> dict[str, Any]:
 
 def write_eval_json(store, output_key: str, report: EvalReport) -> str:
     """Write `<output>/eval.json`; returns its key. Written whatever the verdict."""
-    from .storage import join
-
     key = join(output_key, "eval.json")
     store.put_bytes(key, json.dumps(report.to_dict(), indent=1, sort_keys=True).encode())
     return key
@@ -109,9 +115,6 @@ def write_eval_json(store, output_key: str, report: EvalReport) -> str:
 
 def load_regression_records(spec, work_dir: Path, **store_kw) -> tuple[list[dict], dict[str, str]]:
     """Download and parse spec.evaluation.regressionDataset; returns (records, {uri: sha256})."""
-    from .prepare import fetch
-    from .storage import file_sha256
-
     uri = spec.evaluation.regression_dataset.uri
     path = fetch(uri, Path(work_dir) / "data", **store_kw)
     records, _ = read_jsonl(path, spec.dataset.format, spec.dataset.on_invalid_line, name=uri)
@@ -122,10 +125,14 @@ def load_regression_records(spec, work_dir: Path, **store_kw) -> tuple[list[dict
 
 
 def encode_records(records: Sequence[dict], tokenizer, dataset, max_seq_length: Optional[int]) -> list[Example]:
-    """Tokenize and mask exactly as training does; truncate to the training length if given."""
-    examples = encode_all(tokenizer, records, dataset.format, dataset.train_on_prompt)
+    """Tokenize and mask exactly as training does, fitted to the training length if given.
+
+    Records the template refuses are left out here: training prepared the same file and already
+    failed (or skipped them, as the spec asked)."""
+    examples = _encode(tokenizer, list(records), dataset.format, dataset.train_on_prompt,
+                       template_kwargs=dataset.chat_template_kwargs, on_invalid="skip").examples
     max_len = max_seq_length or dataset.max_seq_length
-    return truncate(examples, max_len)[0] if max_len else examples
+    return fit(examples, max_len, dataset.on_overlong).kept if max_len else examples
 
 
 def _batches(examples: Sequence[Example], budget: int):
@@ -159,6 +166,32 @@ def heldout_loss(model, examples: Sequence[Example], pad_id: int = 0, budget: in
     return LossResult(total / count if count else math.nan, count)
 
 
+# --- generation ----------------------------------------------------------------------------------
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy replies (special tokens dropped) for ``prompts``, batched with left padding.
+
+    Prompts are tokenized without extra special tokens: the chat template already wrote them.
+    """
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    stops = generation.stop_token_ids(tokenizer)
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
+            )
+        replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return replies
+
+
 # --- the whole evaluation -------------------------------------------------------------------------
 
 
@@ -170,16 +203,16 @@ def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch
     """The base exactly as training loaded it (quantization and all) with the adapter attached."""
     from peft import PeftModel
 
-    from .model import load_base
-
     device = device or eval_device()
     dtype = spec.compute_dtype if device.type == "cuda" else "float32"
-    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device)
+    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device,
+                     attn=spec.attn_implementation)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     return model.eval()
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: pad, else eos, else 0 (model.loading.load_tokenizer sets pad)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
@@ -187,12 +220,14 @@ def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict]
     checks = spec.evaluation.gate.checks
     if not checks:
         return [], [], 0
-    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples)
+    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples,
+                                       spec.dataset.chat_template_kwargs)
     prompts = [s.prompt for s in samples]
     max_new = spec.evaluation.max_new_tokens
+    tags = reasoning_tags(tokenizer)
     with model.disable_adapter():
-        base_replies = generation.generate(model, tokenizer, prompts, max_new)
-    adapter_replies = generation.generate(model, tokenizer, prompts, max_new)
+        base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
     rows = [{"name": c.name, "type": c.type, "minPassRate": c.min_pass_rate,
              "base": generation.pass_rate(c, base_replies, samples),
              "adapter": generation.pass_rate(c, adapter_replies, samples)} for c in checks]
@@ -221,7 +256,7 @@ def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dic
     torch.manual_seed(spec.training.seed)
     model = model if model is not None else load_adapted(spec, base_dir, adapter_dir)
     model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
     base, adapter = _base_and_adapter_loss(model, examples, pad_id)
     log.info("held-out loss: base %.4f, adapter %.4f (%d tokens)", base.loss, adapter.loss, adapter.tokens)

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from . import storage
+from ..io import storage
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,8 @@ def resolve_base(uri: str, revision: str, work_dir: Path, **store_kw) -> Path:
     if uri.startswith("hf://"):
         return _from_hub(uri, revision, work_dir)
     store, key = storage.open_uri(uri, **store_kw)
-    inner = storage._unwrap(store)
-    if isinstance(inner, storage.LocalStore) and not uri.startswith("s3://"):
-        local = inner._path(key)  # file:// and pvc:// are read in place
+    local = store.local_path(key)  # file:// and pvc:// are read in place
+    if local is not None:
         if not local.is_dir():
             raise FileNotFoundError(f"base model {uri}: no directory at {local}")
     else:
@@ -95,8 +94,33 @@ def _quant_config(quantization: str, double_quant: bool, compute_dtype: torch.dt
     return None
 
 
-def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device):
-    """The base model with frozen weights, ready for k-bit training when quantized."""
+def attn_implementation(path: Path, requested: str = "auto") -> str:
+    """`requested`, or for auto: sdpa where the architecture supports it (Gemma-2 does not), else eager."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path))
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return "eager"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def gradient_checkpointing(requested: bool | None, quantization: str) -> bool:
+    """The spec's choice; by default on for quantized bases (the memory-bound QLoRA case)."""
+    return requested if requested is not None else quantization != "none"
+
+
+def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device, *,
+              attn: str = "auto", checkpointing: bool = False):
+    """The base model with frozen weights, ready for k-bit training when quantized.
+
+    Gradient checkpointing is non-reentrant: it works with frozen inputs and inside DDP without
+    `enable_input_require_grads` tricks.
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[compute_dtype]
@@ -104,35 +128,19 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
     device_map = {"": device} if qconf is not None else None
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, quantization_config=qconf, device_map=device_map,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation(path, attn),
     )
+    ckpt_kwargs = {"use_reentrant": False}
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
         model.to(device)
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     model.config.use_cache = False
     return model
-
-
-def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str]):
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def param_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import storage
+from ..io import storage
 
 MARKER = "COMPLETE"
 STEP_RE = re.compile(r"^step-(\d+)$")

@@ -1,8 +1,11 @@
 """All object-storage I/O of the trainer.
 
 A `Store` is rooted at one bucket (S3) or one directory (local) and addresses objects by
-'/'-separated keys. `LocalStore` and `S3Store` have the same interface, so the recipe and the tests
-never care which one they talk to; `RetryingStore` wraps either with bounded exponential backoff.
+'/'-separated keys. The interface is closed: callers use only the methods of `Store` (never a
+client, a bucket or a root directory), so `LocalStore` and `S3Store` are interchangeable and a new
+object store is one more class here plus a scheme in `open_uri`. `open_uri` returns every store
+wrapped in `RetryingStore` (bounded exponential backoff): the retry policy lives inside the store,
+callers never retry. This is the only trainer module that imports minio (import-linter).
 
 URIs map to (store, key) in `open_uri`:
   s3://bucket/key   -> S3Store(bucket) or, with a storage dir, LocalStore(DIR/bucket)
@@ -38,16 +41,23 @@ class NotFound(FileNotFoundError):
 
 
 class Store(Protocol):
-    """Key/value object store. Keys are '/'-separated and never start with '/'."""
+    """Key/value object store. Keys are '/'-separated and never start with '/'.
+
+    A missing object raises `NotFound`; any other failure, once retries are spent, `StorageError`.
+    """
 
     def get_bytes(self, key: str) -> bytes: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...  # readers never see half an object
     def get_file(self, key: str, dest: Path) -> None: ...
     def put_file(self, key: str, src: Path) -> None: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def list(self, prefix: str) -> list[str]: ...  # every key under prefix/ (or the key itself), sorted
     def exists(self, key: str) -> bool: ...
-    def delete_prefix(self, prefix: str) -> None: ...
-    def describe(self, key: str) -> str: ...
+    def delete_prefix(self, prefix: str) -> None: ...  # the key itself or everything under prefix/
+    def copy(self, src_key: str, dst_key: str) -> None: ...  # within the store; server-side where it can
+    # The file behind `key` when the store is a mounted filesystem (file://, pvc://) that may be
+    # read in place (it may not exist); None when objects must be downloaded.
+    def local_path(self, key: str) -> Path | None: ...
+    def describe(self, key: str) -> str: ...  # the object's URI, for messages (never credentials)
 
 
 def _dir_prefix(prefix: str) -> str:
@@ -58,9 +68,12 @@ def _dir_prefix(prefix: str) -> str:
 class LocalStore:
     """A directory used as an object store (laptop runs, PVC mounts, tests)."""
 
-    def __init__(self, root: Path | str, uri_base: str | None = None):
+    def __init__(self, root: Path | str, uri_base: str | None = None, mounted: bool = True):
         self.root = Path(root)
         self.uri_base = uri_base  # how to name objects in messages, e.g. "s3://bucket"
+        # False when the directory stands in for a bucket (--storage-dir): callers then download,
+        # exactly as they would from S3.
+        self.mounted = mounted
 
     def _path(self, key: str) -> Path:
         return self.root / key.strip("/")
@@ -84,9 +97,7 @@ class LocalStore:
         os.replace(tmp, path)  # readers never see a half-written object
 
     def get_file(self, key: str, dest: Path) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise NotFound(self.describe(key))
+        src = self._existing(key)
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
 
@@ -120,6 +131,18 @@ class LocalStore:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        self.put_file(dst_key, self._existing(src_key))
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key) if self.mounted else None
+
+    def _existing(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(self.describe(key))
+        return path
 
 
 class S3Store:
@@ -219,6 +242,23 @@ class S3Store:
         if errors:
             raise StorageError(f"could not delete {len(errors)} objects under {self.describe(prefix)}")
 
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy: the bytes never pass through this process (minio switches to a
+        multipart copy above 5 GiB)."""
+        from minio.commonconfig import CopySource
+        from minio.error import S3Error
+
+        try:
+            self.client.copy_object(self.bucket, dst_key.strip("/"),
+                                    CopySource(self.bucket, src_key.strip("/")))
+        except S3Error as exc:
+            if self._not_found(exc):
+                raise NotFound(self.describe(src_key)) from None
+            raise
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
 
 class RetryingStore:
     """Wraps a store: every call is retried with bounded exponential backoff.
@@ -237,6 +277,9 @@ class RetryingStore:
 
     def describe(self, key: str) -> str:
         return self.inner.describe(key)
+
+    def local_path(self, key: str) -> Path | None:
+        return self.inner.local_path(key)  # no I/O, nothing to retry
 
     def _call(self, op: str, key: str, *args):
         for attempt in range(1, self.attempts + 1):
@@ -276,6 +319,9 @@ class RetryingStore:
     def delete_prefix(self, prefix):
         return self._call("delete_prefix", prefix)
 
+    def copy(self, src_key, dst_key):
+        return self._call("copy", src_key, dst_key)
+
 
 # --- whole prefixes -------------------------------------------------------------------------------
 
@@ -312,13 +358,16 @@ def upload_dir(store: Store, src: Path, prefix: str, last: Iterable[str] = ()) -
 
 
 def open_uri(uri: str, storage_dir: Path | str | None = None, s3_endpoint: str | None = None,
-             pvc_root: Path | str = "/mnt/pvc", retry: bool = True) -> tuple[Store, str]:
-    """Map a data/model/output URI to (store, key). See the module docstring."""
+             pvc_root: Path | str = "/mnt/pvc", retry_attempts: int = 5,
+             retry_base_delay_s: float = 0.5) -> tuple[Store, str]:
+    """Map a data/model/output URI to (store, key), the store retrying as configured. See the
+    module docstring."""
     url = urlparse(uri)
     key = url.path.lstrip("/")
     if url.scheme == "s3":
         if storage_dir:
-            store: Store = LocalStore(Path(storage_dir) / url.netloc, uri_base=f"s3://{url.netloc}")
+            store: Store = LocalStore(Path(storage_dir) / url.netloc, uri_base=f"s3://{url.netloc}",
+                                      mounted=False)
         else:
             store = S3Store.from_env(url.netloc, s3_endpoint)
     elif url.scheme == "file":
@@ -327,7 +376,7 @@ def open_uri(uri: str, storage_dir: Path | str | None = None, s3_endpoint: str |
         store = LocalStore(Path(pvc_root) / url.netloc, uri_base=f"pvc://{url.netloc}")
     else:
         raise StorageError(f"unsupported URI scheme for object storage: {uri}")
-    return (RetryingStore(store) if retry else store), key
+    return RetryingStore(store, attempts=retry_attempts, base_delay=retry_base_delay_s), key
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -369,12 +418,9 @@ def fingerprint_uri(uri: str, **open_kw) -> str:
     if "://" not in uri:
         return fingerprint_dir(Path(uri))
     store, key = open_uri(uri, **open_kw)
-    if isinstance(_unwrap(store), LocalStore):
-        return fingerprint_dir(_unwrap(store)._path(key))
+    local = store.local_path(key)
+    if local is not None:
+        return fingerprint_dir(local)
     with tempfile.TemporaryDirectory() as tmp:
         download_prefix(store, key, Path(tmp))
         return fingerprint_dir(Path(tmp))
-
-
-def _unwrap(store: Store) -> Store:
-    return store.inner if isinstance(store, RetryingStore) else store

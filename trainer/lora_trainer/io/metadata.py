@@ -8,8 +8,9 @@ incomplete and may verify the listed digests.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
 from typing import Any, Optional
+
+from .progress import now_rfc3339
 
 SCHEMA_VERSION = 1
 FILENAME = "lora-metadata.json"
@@ -26,6 +27,22 @@ def trainer_version() -> str:
         return getattr(lora_trainer, "__version__", "unknown")
 
 
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    """Installed versions of the libraries that shape the weights (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Optional[str]] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def chat_template_sha256(tokenizer) -> Optional[str]:
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
@@ -37,15 +54,13 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
     return "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
                    files: dict[str, str], dataset_hashes: dict[str, str], run_id: str,
-                   started_at: Optional[str] = None, warnings: Optional[list[str]] = None) -> dict[str, Any]:
+                   started_at: Optional[str] = None, warnings: Optional[list[str]] = None,
+                   data: Optional[dict[str, Any]] = None, vllm: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The metadata document. `spec` is the resolved LoRATrainingJobSpec; `report` the EvalReport
-    (with its `merged` verification when merged weights were exported)."""
+    (with its `merged` verification when merged weights were exported); `data` what data
+    preparation resolved (maxSeqLength, dropped and truncated examples); `vllm` the serving check."""
     targets = adapter_config.get("target_modules")
     return {
         "schemaVersion": SCHEMA_VERSION,
@@ -57,7 +72,9 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
             "rank": adapter_config.get("r"),
             "alpha": adapter_config.get("lora_alpha"),
             "scale": adapter_config["lora_alpha"] / adapter_config["r"],
-            "targetModules": sorted(targets) if isinstance(targets, (list, set)) else targets,
+            # PEFT may expand all-linear into dotted paths per layer; the kinds of layer are what matter.
+            "targetModules": (sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, (list, set))
+                              else targets),
             "dropout": adapter_config.get("lora_dropout"),
         },
         "quantization": spec.quantization,
@@ -65,10 +82,13 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "checkpointStep": report.checkpoint_step,
         "eval": report.to_dict(),
         "spec": spec.to_wire(),  # every hyperparameter, defaults resolved
+        "data": dict(data or {}),
+        "vllm": dict(vllm or {}),
         "trainerVersion": trainer_version(),
+        "libraries": library_versions(),
         "chatTemplateSha256": chat_template_sha256(tokenizer),
         "artifacts": dict(artifacts),
         "files": dict(files),
         "warnings": list(warnings or []),
-        "timestamps": {"startedAt": started_at, "publishedAt": utc_now()},
+        "timestamps": {"startedAt": started_at, "publishedAt": now_rfc3339()},
     }

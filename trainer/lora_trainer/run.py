@@ -1,0 +1,253 @@
+"""The run order of one job, in one screen: prepare -> train -> evaluate -> gate -> export.
+
+`run` is `lora-trainer run` (all stages) and `lora-trainer train` (prepare and train); it reads as
+the list of stages, each a plain call. `inspect_job` is `lora-trainer inspect`: prepare alone.
+`run_after_training` is `lora-trainer evaluate|export` on the checkpoints of a finished run.
+What each stage reads and writes:
+
+  prepare   reads the pinned base model and the dataset files (verified, hashed); resumes from the
+            latest COMPLETE checkpoint; writes only progress.json (state Preparing).
+  train     writes checkpoints/step-N/ (COMPLETE marker last), metrics.jsonl, progress.json.
+  evaluate  reads the best complete checkpoint and the held-out records; writes eval.json,
+            whatever the verdict.
+  gate      pure: spec.evaluation + the measured metrics -> verdict (evaluation.gate); a refused
+            adapter ends in state Rejected and nothing is published.
+  export    writes adapter/, merged/, eval.json and, last, lora-metadata.json.
+
+Only rank 0 evaluates and exports. Errors propagate to `__main__`, which maps them to exit codes;
+on the way out `_attempt` writes the final state to progress.json and the termination message.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lora_operator.api import SpecError
+
+from . import export as exporting
+from .config import Job, RuntimeConfig
+from .data.prepare import Prepared, prepare_data
+from .data.records import DataError
+from .evaluation import scoring
+from .io import storage
+from .io.progress import ProgressWriter, write_termination_message
+from .model import checkpoint as ckpt
+from .model.loading import RevisionError, load_tokenizer, resolve_base
+from .recipe import LoRARecipe, Preempted
+
+log = logging.getLogger(__name__)
+
+RUN = frozenset({"train", "evaluate", "export"})
+TRAIN = frozenset({"train"})
+
+# The input is wrong (spec, data, base revision): retrying cannot help (exit code 2).
+INVALID_INPUT = (DataError, SpecError, RevisionError)
+# Failures reported by their message alone; anything else is a bug, reported with its type.
+KNOWN_FAILURES = (*INVALID_INPUT, storage.StorageError)
+
+
+def run(job: Job, rt: RuntimeConfig, stages: frozenset[str] = RUN) -> str:
+    """Run the stages in order; returns the final state (Succeeded or Rejected)."""
+    with _attempt(job, rt) as recipe:
+        recipe.setup()  # prepare: verified base, data, LoRA model; resume from a checkpoint
+        if "train" in stages:
+            recipe.train()  # train: checkpoints; raises Preempted on SIGTERM
+        if not recipe.rank0 or "evaluate" not in stages:
+            return _finish(recipe, "Succeeded")
+        ctx = _context_after_training(recipe)
+        report = evaluate(ctx)  # evaluate: eval.json, whatever the verdict
+        if not gate_passed(report):  # gate
+            return _finish(recipe, "Rejected")
+        if "export" in stages:
+            export(ctx, report)  # export: the published set, metadata last
+        return _finish(recipe, "Succeeded")
+
+
+def run_after_training(job: Job, rt: RuntimeConfig, publish: bool):
+    """`lora-trainer evaluate|export`: evaluate -> gate -> export (when `publish`) on the best
+    checkpoint of a finished run, without a training process or progress.json.
+    Returns (report, artifact URIs or None)."""
+    ctx = build_context(job, rt)
+    report = evaluate(ctx)
+    uris = export(ctx, report) if publish and gate_passed(report) else None
+    return report, uris
+
+
+def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: bool, out=None) -> dict:
+    """`lora-trainer inspect`: the prepare stage alone (same data path as training), then a report
+    of every training example with its trained tokens marked (data.inspection). Returns the summary."""
+    import sys
+
+    from .data.inspection import write_report
+    from .data.prepare import inspection_items
+
+    skw = rt.store_kwargs(job)
+    b = job.spec.base_model
+    tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
+    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
+    summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
+               "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
+    write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
+                 out=out or sys.stdout)
+    return summary
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line error of progress.json, the termination message and the log."""
+    return str(exc) if isinstance(exc, KNOWN_FAILURES) else f"{type(exc).__name__}: {exc}"
+
+
+# --- the attempt ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _attempt(job: Job, rt: RuntimeConfig) -> Iterator[LoRARecipe]:
+    """The recipe of this attempt. SIGTERM only sets a flag (the loop checkpoints at the next step
+    boundary); on the way out the final state and the termination message are always written."""
+    recipe = LoRARecipe(job, rt)
+    previous = signal.signal(signal.SIGTERM, recipe.request_stop)
+    error = None
+    try:
+        yield recipe
+    except Preempted:
+        recipe.progress.update(state="Preempted", force=True)  # only raised after setup opened it
+        raise
+    except Exception as exc:
+        error = error_message(exc)
+        if hasattr(recipe, "progress"):  # else setup failed before the output was opened
+            recipe.progress.update(state="Failed", error=error, force=True)
+        raise
+    finally:
+        if getattr(recipe, "rank0", True):
+            data = recipe.progress.data if hasattr(recipe, "progress") else {"state": "Failed",
+                                                                              "error": error}
+            write_termination_message(rt.termination_log, data)
+        recipe.cleanup()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _finish(recipe: LoRARecipe, state: str) -> str:
+    recipe.progress.update(state=state, force=True)
+    return state
+
+
+# --- the stages after training --------------------------------------------------------------------
+
+
+@dataclass
+class StageContext:
+    """Everything evaluate and export need, whether training ran in this process or not."""
+
+    job: Job
+    runtime: RuntimeConfig
+    base_dir: Path  # verified base model files
+    adapter_dir: Path  # PEFT adapter to evaluate / publish
+    checkpoint: ckpt.CheckpointRef  # where that adapter came from
+    heldout_jsonl: Path  # held-out records (dataset format), one JSON object per line
+    output_store: storage.Store  # the store of spec.output.uri
+    output_key: str  # key prefix of spec.output.uri in output_store
+    progress: Optional[ProgressWriter] = None
+    max_seq_length: Optional[int] = None  # the training length (auto = p95)
+    dataset_hashes: dict = field(default_factory=dict)
+    data_stats: dict = field(default_factory=dict)  # dropped / truncated / skipped counts
+
+    @property
+    def spec(self):
+        return self.job.spec
+
+    def eval_records(self) -> list[dict]:
+        lines = self.heldout_jsonl.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def best_checkpoint(store: storage.Store, output_key: str) -> ckpt.CheckpointRef:
+    """The complete checkpoint with the lowest eval loss (the latest one's record decides)."""
+    latest = ckpt.latest_complete(store, output_key)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint under {store.describe(output_key)}")
+    state = json.loads(store.get_bytes(storage.join(latest.key, "state.json")))
+    best = state.get("bestStep")
+    for ref in ckpt.list_checkpoints(store, output_key):
+        if ref.complete and ref.step == best:
+            return ref
+    return latest
+
+
+def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter] = None,
+                  base_dir: Optional[Path] = None, prepared: Optional[Prepared] = None) -> StageContext:
+    """The context from storage; `base_dir` and `prepared` are reused when training just ran."""
+    skw = rt.store_kwargs(job)
+    store, key = storage.open_uri(job.spec.output.uri, **skw)
+    if base_dir is None:
+        b = job.spec.base_model
+        base_dir = resolve_base(b.uri, b.revision, rt.work_dir, **skw)
+    if prepared is None:
+        tok = load_tokenizer(base_dir)
+        prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, **skw)
+    ref = best_checkpoint(store, key)
+    local = rt.work_dir / "best"
+    shutil.rmtree(local, ignore_errors=True)
+    storage.download_prefix(store, storage.join(ref.key, "adapter"), local)
+    return StageContext(job, rt, Path(base_dir), local, ref, prepared.eval_jsonl, store, key,
+                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
+                        prepared.stats())
+
+
+def _context_after_training(recipe: LoRARecipe) -> StageContext:
+    # Free the training copy of the model before evaluation loads its own.
+    del recipe.model, recipe.optimizer
+    gc.collect()
+    return build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
+
+
+def evaluate(ctx: StageContext) -> scoring.EvalReport:
+    """Score base and adapter and apply the gate; eval.json is written whatever the verdict."""
+    if ctx.progress:
+        ctx.progress.update(state="Evaluating")
+    spec = ctx.spec
+    regression = None
+    if spec.evaluation.regression_dataset is not None:
+        regression, hashes = scoring.load_regression_records(spec, ctx.runtime.work_dir,
+                                                             **ctx.runtime.store_kwargs(ctx.job))
+        ctx.dataset_hashes.update(hashes)
+    tokenizer = load_tokenizer(ctx.base_dir)
+    report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
+                              regression_records=regression, max_seq_length=ctx.max_seq_length,
+                              checkpoint_step=ctx.checkpoint.step)
+    scoring.write_eval_json(ctx.output_store, ctx.output_key, report)
+    if ctx.progress:
+        ctx.progress.update(eval=scoring.progress_eval(report), datasetHashes=ctx.dataset_hashes)
+    return report
+
+
+def gate_passed(report: scoring.EvalReport) -> bool:
+    """The gate's verdict (evaluation.gate.apply_gate, computed by evaluate); a refusal is logged."""
+    if not report.gate.passed:
+        log.warning("the evaluation gate refused the adapter: %s; not publishing",
+                    "; ".join(report.gate.reasons))
+    return bool(report.gate.passed)
+
+
+def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
+    """Publish a passed adapter; returns the artifact URIs."""
+    if ctx.progress:
+        ctx.progress.update(state="Exporting")
+    tokenizer = load_tokenizer(ctx.base_dir)
+    uris = exporting.publish(ctx.spec, ctx.output_store, ctx.output_key, ctx.base_dir,
+                             ctx.adapter_dir, report, tokenizer, eval_records=ctx.eval_records(),
+                             work_dir=ctx.runtime.work_dir,
+                             run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
+                             dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
+                             data_stats=ctx.data_stats)
+    if ctx.progress:
+        ctx.progress.update(artifacts=uris)
+    return uris
