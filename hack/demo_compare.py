@@ -76,6 +76,7 @@ def slice_report(spec, base_dir: Path, adapter_dir: Path, records: Sequence[dict
     """Greedy replies of the base and of base + published adapter on `records`, scored by the
     job's own checks the way the trainer's evaluation scores them (same prompts, same reasoning
     stripping). The base is loaded as the job trained on it (quantized for QLoRA)."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     from lora_trainer.data.rendering import reasoning_tags, strip_reasoning
@@ -84,6 +85,9 @@ def slice_report(spec, base_dir: Path, adapter_dir: Path, records: Sequence[dict
     from lora_trainer.model.loading import load_tokenizer
 
     hf_logging.disable_progress_bar()
+    # One thread: greedy decoding of a 128-wide model gains little from a second one, and on busy
+    # cores two OpenMP threads spin (measured: 2 min with one thread, >15 min with two, same load).
+    torch.set_num_threads(1)
     tokenizer = load_tokenizer(adapter_dir)
     model = load_adapted(spec, base_dir, adapter_dir)
     samples = generation.build_samples(records, tokenizer, len(records), spec.dataset.chat_template_kwargs)
