@@ -199,15 +199,25 @@ def follow(names: list[str], operator: subprocess.Popen, timeout_s: float = 1800
     raise SystemExit(f"{', '.join(sorted(set(names) - set(done)))} did not finish within {timeout_s:.0f} s")
 
 
+def eval_table(results: list[dict]) -> list[str]:
+    """base | adapter, plus a champion column when the gate compared with a channel's live adapter."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    champion = any("champion" in r for r in results)
+    extra = f" {'champion':>10}" if champion else ""
+    lines = [f"{'metric':<28} {'base':>10}{extra} {'adapter':>10}  {'threshold':<16} ok"]
+    for r in results:
+        middle = f" {fmt(r.get('champion')):>10}" if champion else ""
+        lines.append(f"{r['name']:<28} {fmt(r.get('base')):>10}{middle} {fmt(r.get('adapter')):>10}  "
+                     f"{r.get('threshold') or '':<16} {'yes' if r.get('passed') else 'NO'}")
+    return lines
+
+
 def gate_table(obj: dict) -> None:
     status = obj.get("status", {})
     evaluation = status.get("evaluation") or {}
     step(f"ltj/{obj['metadata']['name']}: {status.get('phase')}  (gate: {evaluation.get('verdict', '-')})")
-    print(f"{'metric':<28} {'base':>10} {'adapter':>10}  {'threshold':<16} ok")
-    for r in evaluation.get("results", []):
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        print(f"{r['name']:<28} {fmt(r.get('base')):>10} {fmt(r.get('adapter')):>10}  "
-              f"{r.get('threshold') or '':<16} {'yes' if r.get('passed') else 'NO'}")
+    for line in eval_table(evaluation.get("results", [])):
+        print(line)
     for reason in evaluation.get("reasons", []):
         print(f"  reason: {reason}")
     for kind, uri in (status.get("artifacts") or {}).items():
@@ -241,7 +251,8 @@ def gather(client, obj: dict, base: Path, eval_records: list[dict]) -> dict:
              "metrics": _get_json(client, f"{out_uri}/metrics.jsonl", [])}
     if obj.get("status", {}).get("phase") != "Succeeded":
         return facts
-    bucket, prefix = _split(out_uri + "/adapter")
+    # The published release's adapter (published/<release>/adapter/ under the output), as the status names it.
+    bucket, prefix = _split((obj["status"].get("artifacts") or {}).get("adapter") or f"{out_uri}/adapter")
     local = DEMO / obj["metadata"]["name"] / "adapter"
     for item in client.list_objects(bucket, prefix=prefix + "/", recursive=True):
         client.fget_object(bucket, item.object_name, str(local / item.object_name[len(prefix) + 1:]))

@@ -1,4 +1,5 @@
-"""Publishing: only gated adapters, PEFT/vLLM-loadable, verified merge, metadata last (CPU, tiny)."""
+"""Publishing: only gated adapters, PEFT/vLLM-loadable, verified merge, a release folder and the
+metadata pointer last (CPU, tiny)."""
 
 from __future__ import annotations
 
@@ -53,20 +54,26 @@ def _out(w) -> Path:
     return w["root"] / "out"
 
 
+def _release(w) -> Path:
+    """The folder lora-metadata.json points at."""
+    return _out(w) / "published" / json.loads((_out(w) / "lora-metadata.json").read_text())["release"]
+
+
 def test_passing_job_publishes_adapter_merged_eval_and_metadata(published, w):
     _, _, store, key, uris = published
-    out = _out(w)
-    assert uris == {"adapter": f"file://{out}/adapter", "merged": f"file://{out}/merged",
-                    "eval": f"file://{out}/eval.json", "metadata": f"file://{out}/lora-metadata.json"}
+    out, release = _out(w), _release(w)
+    assert release.name.startswith("run1-")
+    assert uris == {"adapter": f"file://{release}/adapter", "merged": f"file://{release}/merged",
+                    "eval": f"file://{release}/eval.json", "metadata": f"file://{out}/lora-metadata.json"}
     for rel in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
                 "adapter/chat_template.jinja", "merged/config.json", "merged/model.safetensors",
-                "merged/tokenizer.json", "eval.json", "lora-metadata.json"):
-        assert (out / rel).is_file(), rel
-    assert not store.list(storage.join(key, ".staging")), "staging is cleaned up"
+                "merged/tokenizer.json", "eval.json"):
+        assert (release / rel).is_file(), rel
+    assert sorted(p.name for p in out.iterdir()) == ["lora-metadata.json", "published"]
 
 
 def test_adapter_config_is_pure_lora_pointing_at_a_loadable_base(published, w):
-    config = json.loads((_out(w) / "adapter/adapter_config.json").read_text())
+    config = json.loads((_release(w) / "adapter/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(w["base"])  # file:// -> its path, loadable as is
     assert not config.get("modules_to_save")
     assert config["r"] == world.RANK and config["lora_alpha"] == world.ALPHA and config["peft_type"] == "LORA"
@@ -92,10 +99,12 @@ def test_metadata_records_provenance_and_lists_every_file(published, w):
     assert set(meta["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
     assert meta["vllm"] == {"maxLoraRank": 16, "problems": []}
     assert meta["timestamps"]["startedAt"] == "2026-01-01T00:00:00Z" and meta["timestamps"]["publishedAt"]
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"lora-metadata.json"}
+    release = _release(w)
+    on_disk = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
     assert set(meta["files"]) == on_disk
     assert meta["files"]["adapter/adapter_model.safetensors"] == \
-        "sha256:" + storage.file_sha256(out / "adapter/adapter_model.safetensors")
+        "sha256:" + storage.file_sha256(release / "adapter/adapter_model.safetensors")
+    assert meta["job"] == {"namespace": "", "name": "local", "uid": ""} and "fingerprint" in meta
 
 
 def test_published_adapter_loads_with_plain_peft_and_gives_the_trainer_logits(published, w, tmp_path):
@@ -103,7 +112,7 @@ def test_published_adapter_loads_with_plain_peft_and_gives_the_trainer_logits(pu
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec, _, store, key, _ = published
-    storage.download_prefix(store, storage.join(key, "adapter"), tmp_path / "adapter")
+    storage.download_prefix(store, storage.join(key, "published", _release(w).name, "adapter"), tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     trainer = load_adapted(spec, w["base"], w["adapter"], torch.device("cpu"))
@@ -124,7 +133,7 @@ def test_merged_model_matches_base_plus_adapter(published, w):
     assert report.merged["maxAbsLogitDiff"] <= 1e-3
     assert report.merged["evalLoss"] == pytest.approx(report.adapter.loss, abs=1e-4)
     assert report.merged["gate"]["passed"]
-    merged = AutoModelForCausalLM.from_pretrained(str(_out(w) / "merged"), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(_release(w) / "merged"), dtype=torch.float32)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32),
                                     str(w["adapter"]))
@@ -213,8 +222,8 @@ def test_rejected_job_publishes_nothing(w, tmp_path):
 
 
 class FlakyStore:
-    """An outage from the nth write (put_file or copy) on: every write from then on fails for good,
-    as RetryingStore does when its attempts are spent."""
+    """An outage: every write from the nth put_file on fails for good (as RetryingStore does when
+    its budget is spent); with fail_on=0 only the metadata pointer's write fails."""
 
     def __init__(self, inner, fail_on: int):
         self.inner, self.fail_on, self.writes = inner, fail_on, 0
@@ -224,7 +233,8 @@ class FlakyStore:
 
     def _write(self, op: str, *args):
         self.writes += 1
-        if self.writes >= self.fail_on:
+        if (self.fail_on and self.writes >= self.fail_on) or (not self.fail_on and args[0].endswith(
+                "lora-metadata.json")):
             raise storage.StorageError(f"{op} {args[0]} failed after 5 attempts: ConnectionError")
         return getattr(self.inner, op)(*args)
 
@@ -234,26 +244,42 @@ class FlakyStore:
     def copy(self, src_key, dst_key):
         return self._write("copy", src_key, dst_key)
 
+    def put_bytes(self, key, data):
+        return self._write("put_bytes", key, data)
 
-@pytest.mark.parametrize("fail_on,previous_survives", [(2, True), (9, False)],
-                         ids=["should keep the previous set when the staging upload fails",
-                              "should leave no metadata when the promotion fails"])
-def test_failed_upload_leaves_no_half_artifact_that_looks_complete(passing, w, tmp_path, fail_on, previous_survives):
+
+@pytest.mark.parametrize("fail_on", [2, 0], ids=["should keep the previous set when the release upload fails",
+                                                 "should keep the previous set when the pointer write fails"])
+def test_failed_upload_leaves_the_previous_complete_set_published(passing, w, tmp_path, fail_on):
     spec = world.make_spec(tmp_path, fmt="adapter")
     _, report = passing
     store, key = storage.open_uri(spec.output.uri)
     args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
     publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="old")
-    old_meta = store.get_bytes(storage.join(key, "lora-metadata.json"))
-    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd write stages, the 9th promotes
+    meta_key = storage.join(key, "lora-metadata.json")
+    old_meta = store.get_bytes(meta_key)
+    flaky = FlakyStore(store, fail_on)
     with pytest.raises(storage.StorageError):
         publish(spec, flaky, *args[2:], eval_records=w["records"], work_dir=tmp_path / "work", run_id="new")
-    meta_key = storage.join(key, "lora-metadata.json")
-    if previous_survives:
-        assert store.get_bytes(meta_key) == old_meta
-        assert store.exists(storage.join(key, "adapter/adapter_model.safetensors"))
-    else:
-        assert not store.exists(meta_key)
+    assert store.get_bytes(meta_key) == old_meta
+    for rel in json.loads(old_meta)["files"]:
+        assert store.exists(storage.join(key, "published", json.loads(old_meta)["release"], rel)), rel
+    publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="again")
+    releases = {k.split("/published/")[1].split("/")[0] for k in store.list(storage.join(key, "published"))}
+    assert len(releases) == 2, "the half-uploaded release is collected; the previous one is kept for readers"
+
+
+def test_publishing_over_another_jobs_set_is_refused(passing, w, tmp_path):
+    from lora_trainer.io.identity import ForeignPrefix, JobIdentity
+
+    spec = world.make_spec(tmp_path, fmt="adapter")
+    _, report = passing
+    store, key = storage.open_uri(spec.output.uri)
+    args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
+    publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", identity=JobIdentity("ns", "a", "1", "sha256:x"))
+    with pytest.raises(ForeignPrefix, match="job ns/a"):
+        publish(*args, eval_records=w["records"], work_dir=tmp_path / "work",
+                identity=JobIdentity("ns", "b", "2", "sha256:y"))
 
 
 def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp_path):

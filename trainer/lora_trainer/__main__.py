@@ -3,8 +3,11 @@
 This module only parses arguments and maps exceptions to exit codes; the run order is `run.py`.
 
 Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
-(spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
-checkpoint (the next attempt resumes).
+(spec, data, unpinned or mismatching base, an output prefix of another job, storage the preflight
+found unusable, a key that escapes its store; retrying cannot help); 4 diverged (a non-finite loss:
+the same spec diverges again); 143 preempted by SIGTERM (during training after a checkpoint; during
+evaluation or export at once, the published set unchanged): the next attempt resumes from the
+checkpoint, without retraining when training was done.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from collections.abc import Set as AbstractSet
 
 from lora_operator.api import SpecError
 
-from .config import DATA_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from .config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 from .io.storage import fingerprint_uri
-from .recipe import Preempted
+from .recipe import Diverged, Preempted
 from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, inspect_job, run, run_after_training
 
 log = logging.getLogger("lora_trainer")
@@ -100,6 +103,8 @@ def exit_code(exc: Exception) -> int:
     if not isinstance(exc, KNOWN_FAILURES):
         log.error("trainer failed", exc_info=exc)
     log.error("%s", error_message(exc))
+    if isinstance(exc, Diverged):
+        return DIVERGED_EXIT_CODE
     return DATA_ERROR_EXIT_CODE if isinstance(exc, INVALID_INPUT) else 1
 
 

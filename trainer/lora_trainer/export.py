@@ -1,5 +1,5 @@
-"""Publishing an adapter that passed the gate: `adapter/`, `merged/`, `eval.json` and, last,
-`lora-metadata.json` under spec.output.uri.
+"""Publishing an adapter that passed the gate: `published/<release>/{adapter,merged,eval.json}` and,
+last, `lora-metadata.json` (the pointer to that release) under spec.output.uri.
 
 Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the gate):
 
@@ -8,10 +8,11 @@ Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the g
     # -> {"adapter": uri, "merged": uri | None, "eval": uri, "metadata": uri}
     # raises GateRejected (nothing published), MergeMismatch or ExportError (nothing complete).
 
-Atomicity for readers. Everything is built locally, uploaded to `<output>/.staging/<run-id>/`, and
-only then promoted: the old `lora-metadata.json` is deleted first, the old `adapter/` and `merged/`
-replaced, and the new metadata written last. So a failed upload leaves the previously published
-set untouched, a failed promotion leaves no metadata, and a prefix with metadata is complete.
+Atomicity for readers (release.py). Everything is built locally, uploaded to a folder of its own,
+`published/<release>/`, and only then does `lora-metadata.json` (one PUT) point at it. So a reader
+sees the previous complete set or the new one, never a partial set next to metadata; a crash or
+SIGTERM before the PUT leaves the previous set published. The metadata records the job identity,
+the checkpoint step and its held-out loss; a publish over another job's set is refused.
 
 The merged model. QLoRA trains against NF4 weights, but `merged/` must be a plain 16-bit model:
 the base is reloaded in 16-bit (float32 on CPU), never the quantized one (merging into NF4 would
@@ -38,8 +39,7 @@ import torch
 
 from .evaluation.gate import apply_gate
 from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss, pad_token_id
-from .io import storage
-from .io.metadata import FILENAME as METADATA
+from .io import release, storage, strictjson
 from .io.metadata import build_metadata
 
 log = logging.getLogger(__name__)
@@ -236,38 +236,25 @@ def _files(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _promote(store, staged: Path, staging_key: str, output_key: str) -> None:
-    """Replace the published set with the staged one; the old metadata goes first."""
-    store.delete_prefix(storage.join(output_key, METADATA))
-    for part in ("adapter", "merged"):
-        store.delete_prefix(storage.join(output_key, part))
-    for rel in sorted(_files(staged)):
-        _copy(store, storage.join(staging_key, rel), storage.join(output_key, rel), staged / rel)
-
-
-def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
-    """Server-side copy where the store can (no second upload of the weights); otherwise put the
-    local file."""
-    try:
-        store.copy(src_key, dst_key)
-    except (storage.StorageError, storage.NotFound) as exc:
-        log.warning("copy to %s failed (%s); uploading", store.describe(dst_key), exc)
-        store.put_file(dst_key, local)
-
-
 def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, report: EvalReport, tokenizer, *,
             eval_records: Sequence[dict], work_dir: Path, run_id: Optional[str] = None,
             dataset_hashes: Optional[dict] = None, max_seq_length: Optional[int] = None,
             started_at: Optional[str] = None, device: Optional[torch.device] = None,
-            data_stats: Optional[dict] = None) -> dict:
+            data_stats: Optional[dict] = None, identity=None,
+            checkpoint_eval_loss: Optional[float] = None) -> dict:
     """Build, verify, stage and promote the artifacts (see module docstring); returns their URIs.
 
     `adapter_dir` is the evaluated checkpoint's PEFT adapter directory; `store`/`output_key` come
-    from `storage.open_uri(spec.output.uri)`.
+    from `storage.open_uri(spec.output.uri)`; `identity` (identity.JobIdentity) is recorded in the
+    metadata and must match whatever is published there already.
     """
+    from .io.identity import JobIdentity
+
     if not report.gate.passed:
         raise GateRejected(report.gate.reasons)
     run_id = run_id or uuid.uuid4().hex[:12]
+    identity = identity or JobIdentity("", "local")
+    release.check_owner(store, output_key, identity)  # before minutes of merging
     local = Path(work_dir) / "publish" / run_id
     shutil.rmtree(local, ignore_errors=True)
     adapter_config, warnings = write_adapter(spec, adapter_dir, tokenizer, local / "adapter")
@@ -276,25 +263,19 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
                           max_seq_length, device)
     if spec.output.format == "merged":
         shutil.rmtree(local / "adapter")
-    (local / "eval.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+    (local / "eval.json").write_text(strictjson.dumps(report.to_dict(), indent=1, sort_keys=True))
 
-    staging_key = storage.join(output_key, ".staging", run_id)
-    store.delete_prefix(staging_key)
-    storage.upload_dir(store, local, staging_key)
-    _promote(store, local, staging_key, output_key)
-    uris = {
-        "adapter": store.describe(storage.join(output_key, "adapter")) if (local / "adapter").is_dir() else None,
-        "merged": store.describe(storage.join(output_key, "merged")) if (local / "merged").is_dir() else None,
-        "eval": store.describe(storage.join(output_key, "eval.json")),
-        "metadata": store.describe(storage.join(output_key, METADATA)),
-    }
-    meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
-                          files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
-                          started_at=started_at, warnings=warnings,
-                          data={**(data_stats or {}), "maxSeqLength": max_seq_length},
-                          vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings})
-    store.put_bytes(storage.join(output_key, METADATA), json.dumps(meta, indent=1, sort_keys=True).encode())
-    _cleanup(store, staging_key, local)
+    def metadata(uris: dict) -> dict:
+        meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
+                              files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
+                              started_at=started_at, warnings=warnings,
+                              data={**(data_stats or {}), "maxSeqLength": max_seq_length},
+                              vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings})
+        meta["checkpointEvalLoss"] = checkpoint_eval_loss
+        return meta
+
+    uris = release.promote(store, local, output_key, release.new_release(run_id), identity, metadata)
+    shutil.rmtree(local, ignore_errors=True)
     log.info("published %s", ", ".join(f"{k}={v}" for k, v in uris.items() if v))
     return uris
 
@@ -310,17 +291,6 @@ def _merge_and_verify(spec, base_dir, adapter_dir, local, report, tokenizer, eva
                                  dtype=dtype, device=device)
     if not report.merged["gate"]["passed"]:
         raise GateRejected([f"merged {r}" for r in report.merged["gate"]["reasons"]])
-
-
-def _cleanup(store, staging_key: str, local: Path) -> None:
-    try:
-        store.delete_prefix(staging_key)
-        parent = staging_key.rsplit("/", 1)[0]
-        if not store.list(parent):
-            store.delete_prefix(parent)  # the empty .staging/ directory of a LocalStore
-    except Exception as exc:
-        log.warning("could not delete %s: %s", store.describe(staging_key), exc)
-    shutil.rmtree(local, ignore_errors=True)
 
 
 __all__ = [

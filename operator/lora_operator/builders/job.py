@@ -11,6 +11,7 @@ from .names import (
     CONFIG_FILE,
     CONFIG_PATH,
     LABEL_ATTEMPT,
+    PRIORITY_LABEL,
     QUEUE_LABEL,
     configmap_name,
     job_name,
@@ -19,6 +20,7 @@ from .names import (
 )
 from .owner import Owner
 from .service import MAIN_PORT
+from .volumes import PVC_ROOT, pvc_claims, pvc_mounts, pvc_volumes
 
 TERMINATION_LOG = "/dev/termination-log"
 WORK_DIR = "/var/lib/lora"
@@ -42,11 +44,13 @@ def build_job(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> dic
     meta_labels = {**labels(owner.name, "trainer"), LABEL_ATTEMPT: str(params.attempt)}
     if params.queue_name:
         meta_labels[QUEUE_LABEL] = params.queue_name
+        if spec.resources.priority_class_name:  # Kueue's WorkloadPriorityClass orders and preempts
+            meta_labels[PRIORITY_LABEL] = spec.resources.priority_class_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries itself, so every attempt is recorded
         "suspend": bool(params.queue_name) or spec.suspend,
         "template": {
-            "metadata": {"labels": {k: v for k, v in meta_labels.items() if k != QUEUE_LABEL}},
+            "metadata": {"labels": {k: v for k, v in meta_labels.items() if k not in (QUEUE_LABEL, PRIORITY_LABEL)}},
             "spec": _pod_spec(owner, spec, params, name),
         },
     }
@@ -89,7 +93,9 @@ def _pod_spec(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams, name: 
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if res.priority_class_name:
+    # Under Kueue the name is a WorkloadPriorityClass (the Job's label); a pod priorityClassName
+    # naming no PriorityClass would stop the Job controller from creating the pods.
+    if res.priority_class_name and not params.queue_name:
         pod["priorityClassName"] = res.priority_class_name
     if res.nodes > 1:
         pod["subdomain"] = service_name(owner.name)
@@ -147,6 +153,8 @@ def _env(spec: LoRATrainingJobSpec, params: JobParams) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "LORA_TERMINATION_LOG", "value": TERMINATION_LOG},  # the trainer writes its summary here
     ]
+    if pvc_claims(spec):
+        env.append({"name": "LORA_PVC_ROOT", "value": PVC_ROOT})
     endpoint = spec.storage.endpoint or params.endpoint
     if endpoint:
         env.append({"name": "S3_ENDPOINT", "value": endpoint})
@@ -177,7 +185,7 @@ def _mounts(spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
     ]
     if _needs_shm(spec):
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    return mounts
+    return mounts + pvc_mounts(spec)
 
 
 def _volumes(owner: Owner, spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
@@ -189,7 +197,7 @@ def _volumes(owner: Owner, spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
     ]
     if _needs_shm(spec):
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-    return volumes
+    return volumes + pvc_volumes(spec)
 
 
 def _needs_shm(spec: LoRATrainingJobSpec) -> bool:

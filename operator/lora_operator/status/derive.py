@@ -3,6 +3,9 @@
 The decision order matters and is the contract the table tests pin down:
 invalid spec > finished attempt (succeeded / failed beyond maxRetries) > suspended by the user >
 blocked from starting (quota, Kueue missing, namespace limit) > queued in Kueue > running.
+Succeeded is never inferred: an attempt that exited 0 is Succeeded only with a Passed gate verdict
+and published artifacts (adapter or merged, plus lora-metadata.json) in progress.json; without them
+it is Failed with reason NothingPublished (fail closed: a crashed or stubbed evaluator must not pass).
 A gate rejection ends with phase Rejected: Succeeded=False and Failed=True (reason GateFailed), so
 both `kubectl wait --for=condition=Failed` and kstatus (Stalled=True) see a terminal state, while
 the phase and reason still tell it apart from a broken run.
@@ -17,6 +20,7 @@ from . import conditions as c
 from .attempts import describe_failure, final_failure_reason, merge_attempts
 from .observed import Observed
 from .progress import carried_fields
+from .workload import kueue_held, record_preemption
 
 RUNNING_STATES = {"Preparing": c.PREPARING, "Training": c.TRAINING, "Evaluating": c.EVALUATING,
                   "Exporting": c.EXPORTING}
@@ -33,6 +37,7 @@ def derive_status(obs: Observed) -> dict[str, Any]:
     prev = dict(obs.previous or {})
     carried = carried_fields(prev, obs.progress)
     attempts = merge_attempts(prev.get("attempts") or (), obs.jobs)
+    attempts = record_preemption(attempts, obs.current.attempt if obs.current else None, obs.workload, obs.progress)
     core = _core_conditions(obs, attempts, carried)
     conditions = c.merge_conditions(prev.get("conditions"), _with_kstatus(core),
                                     now=obs.now, generation=obs.generation)
@@ -94,12 +99,24 @@ def _finished(obs: Observed, carried: Mapping[str, Any], evaluated: dict) -> lis
                 c.condition(c.EVALUATED, c.TRUE, c.GATE_FAILED, message),
                 c.condition(c.SUCCEEDED, c.FALSE, c.GATE_FAILED, message),
                 c.condition(c.FAILED, c.TRUE, c.GATE_FAILED, message)]
-    passed = evaluated["status"] == c.TRUE
-    message = "adapter passed the evaluation gate and was published" if passed else "the trainer finished"
-    return [admitted, c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED), done,
-            evaluated if passed else c.condition(c.EVALUATED, c.TRUE, c.GATE_PASSED, "no gate verdict reported"),
-            c.condition(c.SUCCEEDED, c.TRUE, c.GATE_PASSED if passed else c.COMPLETED, message),
+    missing = _unproven(carried, evaluated)
+    if missing:
+        message = f"the trainer exited 0 but {missing}; a job succeeds only with a verdict and artifacts"
+        return _terminal_failure(c.NOTHING_PUBLISHED, message, admitted=admitted, evaluated=evaluated)
+    message = "adapter passed the evaluation gate and was published"
+    return [admitted, c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED), done, evaluated,
+            c.condition(c.SUCCEEDED, c.TRUE, c.GATE_PASSED, message),
             c.condition(c.FAILED, c.FALSE, c.COMPLETED)]
+
+
+def _unproven(carried: Mapping[str, Any], evaluated: dict) -> str | None:
+    """What is missing for Succeeded (fail closed): a Passed verdict and the published artifacts."""
+    if evaluated["status"] != c.TRUE:
+        return "reported no gate verdict"
+    artifacts = carried.get("artifacts") or {}
+    if not (artifacts.get("metadata") and (artifacts.get("adapter") or artifacts.get("merged"))):
+        return "reported no published artifacts (adapter or merged, and lora-metadata.json)"
+    return None
 
 
 def _terminal_failure(reason: str, message: str, *, admitted: dict | None = None,
@@ -124,6 +141,8 @@ def _admission(obs: Observed, attempts: list[dict[str, Any]]) -> tuple[dict, dic
     not_suspended = c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED)
     if obs.suspend:
         msg = "spec.suspend is true; the trainer checkpointed and stopped" if live else "spec.suspend is true"
+        if obs.workload and not obs.workload.active:
+            msg += f"; Kueue Workload {obs.workload.name} deactivated, its quota released"
         return (c.condition(c.ADMITTED, c.TRUE if live else c.FALSE, c.JOB_CREATED if live else c.NOT_STARTED),
                 c.condition(c.SUSPENDED, c.TRUE, c.SUSPENDED_BY_USER, msg),
                 c.condition(c.RUNNING, c.FALSE, c.SUSPENDED_BY_USER, msg))
@@ -133,9 +152,7 @@ def _admission(obs: Observed, attempts: list[dict[str, Any]]) -> tuple[dict, dic
             return (c.condition(c.ADMITTED, c.FALSE, obs.blocked.reason, obs.blocked.message), not_suspended, waiting)
         return c.condition(c.ADMITTED, c.UNKNOWN, c.NOT_STARTED), not_suspended, waiting
     if live.suspended:
-        msg = f"waiting for Kueue to admit the workload in queue {obs.queue_name}"
-        return (c.condition(c.ADMITTED, c.FALSE, c.QUEUED, msg), c.condition(c.SUSPENDED, c.TRUE, c.QUEUED, msg),
-                c.condition(c.RUNNING, c.FALSE, c.QUEUED, msg))
+        return kueue_held(obs.queue_name, live.name, obs.workload)
     return _admitted(obs), not_suspended, _running(obs, live)
 
 
@@ -197,7 +214,7 @@ def phase_of(conditions) -> str:
     if c.is_true(conditions, c.SUCCEEDED):
         return "Succeeded"
     suspended = c.find(conditions, c.SUSPENDED) or {}
-    if suspended.get("status") == c.TRUE and suspended.get("reason") == c.SUSPENDED_BY_USER:
+    if suspended.get("status") == c.TRUE and suspended.get("reason") in (c.SUSPENDED_BY_USER, c.PREEMPTED):
         return "Suspended"
     running = c.find(conditions, c.RUNNING) or {}
     if running.get("status") == c.TRUE:

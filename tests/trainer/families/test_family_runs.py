@@ -22,6 +22,7 @@ def _job(tmp_path, base, family: str):
     shapes = ("single", "system", "multi") if F.FAMILIES[family].system else ("single", "multi")
     rows = F.conversations(12, seed=3, shapes=shapes)
     (store / "data").mkdir(parents=True)
+    (store / "out").mkdir()  # the output bucket exists (preflight refuses a missing one)
     (store / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {
         "baseModel": {"uri": f"file://{base}", "revision": fingerprint_dir(base)},
