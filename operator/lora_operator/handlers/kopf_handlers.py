@@ -8,7 +8,6 @@ import os
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
-from ..builders import MANAGED_BY
 from ..config import OperatorConfig
 from .runtime import Runtime
 
@@ -47,9 +46,5 @@ def shutdown(memo: kopf.Memo, **_) -> None:
 def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
     memo.runtime.reconcile(namespace, name)
 
-
-@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def child_job_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    """React at once when a trainer Job changes instead of waiting for the next resync."""
-    if body.get("metadata", {}).get("ownerReferences"):
-        memo.runtime.reconcile_owner_of({"metadata": dict(body["metadata"])})
+# Child Job changes reach the reconciler through the Job informer of runtime.py (one watch, a
+# cache that replaces per-pass LISTs), not through a kopf handler.

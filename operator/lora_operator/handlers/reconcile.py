@@ -97,11 +97,14 @@ class Reconciler:
         if decision.suspend_job is not None:
             jobs = self._set_suspend(owner, jobs, decision.suspend_job)
         blocked: Blocked | None = None
+        started = False
         if decision.start_attempt:
             blocked = self._admission(owner, spec, queue)
             if blocked is None:
                 jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
-        progress = self._read_progress(owner, spec, jobs)
+                started = True
+        # A Job created this pass has written nothing yet: read on the next pass, not now.
+        progress = None if started else self._read_progress(owner, spec, jobs)
         return self._write(body, Observed(
             generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
             jobs=tuple(jobs), blocked=blocked, progress=progress))
