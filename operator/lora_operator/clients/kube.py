@@ -41,7 +41,11 @@ class KubeClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            api_client = client.ApiClient()
+            settings = client.Configuration.get_default_copy()
+            # kopf's executor, the workers, the informer and the resync share it: with the default
+            # (5 x CPUs) pool, connections are dropped and every request pays a TLS handshake.
+            settings.connection_pool_maxsize = 32
+            api_client = client.ApiClient(settings)
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
