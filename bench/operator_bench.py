@@ -6,8 +6,9 @@ the API server takes them. Their pods run on a simulated node (hack/podrunner.py
 writes progress.json to S3 on a schedule (hack/podsim_script.py). Two groups:
 
 * `instant` (a tenth, at least 5): the pod passes the gate and finishes at once; apply -> Succeeded.
-* `training`: trains (a progress.json write per step) long enough that every job trains together
-  for the measurement window, then succeeds.
+* `training`: trains (a progress.json write every 10 s, as the real trainer's default) for as long
+  as the measurement takes; after the window the bench fast-forwards them (the simulated node's
+  `podsim.lora.dev/finish-before` annotation) and they pass the gate and succeed.
 
 Measured, client-side clocks: apply -> child Job seen (every job; watch), apply -> Succeeded
 (instant group). At the API server's /metrics (apiserver_request_total by verb/resource/
@@ -43,8 +44,9 @@ SIM_NODE = "local-sim-node"
 GROUP, VERSION, PLURAL = "training.lora.dev", "v1alpha1", "loratrainingjobs"
 METRIC_RE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
-INTERVAL = 15.0  # operator resync and progress interval during the benchmark (default 30)
-STEP_S = 5.0  # the stand-in trainer writes progress.json every 5 s (the real one: at most every 10 s)
+INTERVAL = 30.0  # operator resync and progress interval (the defaults), so 2 status PATCHes/job/min at most
+STEP_S = 10.0  # the stand-in trainer writes progress.json every 10 s (the real trainer's default)
+TRAIN_S = 3600.0  # long enough for any N; ended by fast-forward after the window
 
 
 def kubectl(*args: str, input: str | None = None) -> str:
@@ -85,7 +87,7 @@ def proc_figures(pid: int) -> tuple[float, float]:
 
 def _job(name: str, bucket: str, steps: int, step_s: float) -> dict:
     notes = {"fake-trainer/steps": str(steps), "fake-trainer/step-seconds": str(step_s),
-             "fake-trainer/checkpoint-every": "3"}
+             "fake-trainer/checkpoint-every": "6"}
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob",
             "metadata": {"name": name, "annotations": notes},
             "spec": {"baseModel": {"uri": "s3://models/tiny", "revision": "sha256:" + "0" * 64},
@@ -215,7 +217,7 @@ def _prepare(namespace: str, s3env: dict) -> str:
     return bucket
 
 
-def _create_all(namespace: str, bucket: str, n: int, train_s: float) -> tuple[dict[str, float], set[str]]:
+def _create_all(namespace: str, bucket: str, n: int) -> tuple[dict[str, float], set[str]]:
     from kubernetes import client
 
     custom = client.CustomObjectsApi()
@@ -224,7 +226,7 @@ def _create_all(namespace: str, bucket: str, n: int, train_s: float) -> tuple[di
 
     def create(i: int) -> None:
         name = f"bench-{i:04d}"
-        steps, step_s = (1, 0.0) if name in instant else (max(2, int(train_s / STEP_S)), STEP_S)
+        steps, step_s = (1, 0.0) if name in instant else (int(TRAIN_S / STEP_S), STEP_S)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _job(name, bucket, steps, step_s))
         created[name] = time.monotonic()
 
@@ -234,32 +236,36 @@ def _create_all(namespace: str, bucket: str, n: int, train_s: float) -> tuple[di
 
 
 def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str = "ours",
-            window_s: float = 45.0, idle_s: float = 20.0) -> dict:
+            window_s: float = 60.0, idle_s: float = 20.0) -> dict:
     from kubernetes import client
 
-    namespace = f"bench-{label}-{n}-{int(time.time()) % 100000}"
+    namespace = f"bench-{re.sub('[^a-z0-9]+', '-', label.lower())}-{n}-{int(time.time()) % 100000}"
     bucket = _prepare(namespace, s3env)
     operator = _start_operator(namespace, work / f"operator-{label}-{n}.log", s3env["S3_ENDPOINT"], src)
     watcher = Watcher(namespace)
     watcher.start()
-    # Every training job must still train when the last one starts, plus the window.
-    train_s = 60 + window_s + n * 0.06
-    result: dict = {"n": n, "operator": label, "interval_s": INTERVAL, "train_s": train_s}
+    result: dict = {"n": n, "operator": label, "interval_s": INTERVAL, "loadavg_start": os.getloadavg()[0]}
     try:
         t0 = time.monotonic()
-        created, instant = _create_all(namespace, bucket, n, train_s)
+        created, instant = _create_all(namespace, bucket, n)
         result["create_s"] = time.monotonic() - t0
         training = set(created) - instant
         _wait(lambda: len(watcher.job_seen) >= n, 60 + n * 0.2)
-        _wait(lambda: training <= set(watcher.active), 60 + n * 0.1)
+        _wait(lambda: training <= set(watcher.active), 60 + n * 0.2)
+        result["all_active_s"] = time.monotonic() - t0
+        _wait(lambda: instant <= set(watcher.succeeded), 30)  # their last writes stay out of the window
         result.update(_window(watcher, training, window_s))
-        _wait(lambda: len(watcher.succeeded) >= n, train_s + 120 + n * 0.1, poll=1)
+        kubectl("annotate", "node", SIM_NODE, "--overwrite", f"podsim.lora.dev/finish-before={time.time():.3f}")
+        t1 = time.monotonic()
+        _wait(lambda: len(watcher.succeeded) >= n, 120 + n * 0.2, poll=1)
+        result["finish_all_s"] = time.monotonic() - t1
         time.sleep(INTERVAL + 5)  # a resync and a progress interval: the last status patches land
         before = request_counts()
         time.sleep(idle_s)
         result["idle_status_patches"] = status_patches(request_counts()) - status_patches(before)
         result["idle_window_s"] = idle_s
         result["operator_peak_rss_mb"], result["operator_cpu_s"] = proc_figures(operator.pid)
+        result["loadavg_end"] = os.getloadavg()[0]  # the 2 cores are shared: say how busy they were
     finally:
         watcher.stop.set()
         os.killpg(operator.pid, signal.SIGTERM)
@@ -348,7 +354,8 @@ def figures(results: list[dict]) -> list[dict]:
 
 
 def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None,
-        baseline_sizes=(1000,)) -> dict:
+        baseline_sizes=(1000,), **timing) -> dict:
+    """timing: window_s, idle_s of run_one (the smoke test makes them short)."""
     from kubernetes import config
 
     sys.path.insert(0, str(ROOT / "hack"))
@@ -365,10 +372,10 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         if baseline_ref:
             src = baseline_tree(baseline_ref, work)
             for n in baseline_sizes:
-                results.append(run_one(n, work, s3env, src=src, label=f"before {baseline_ref[:12]}"))
+                results.append(run_one(n, work, s3env, src=src, label=f"before {baseline_ref[:12]}", **timing))
                 print(json.dumps(results[-1]), flush=True)
         for n in sizes:
-            results.append(run_one(n, work, s3env))
+            results.append(run_one(n, work, s3env, **timing))
             print(json.dumps(results[-1]), flush=True)
     finally:
         os.killpg(sim.pid, signal.SIGTERM)

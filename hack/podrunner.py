@@ -143,8 +143,12 @@ class Runner:
     _ready_since = now()
 
     def heartbeat(self) -> None:
-        self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": self.node_status()},
-                         content_type="application/merge-patch+json")
+        node = self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": self.node_status()},
+                                content_type="application/merge-patch+json")
+        if self.sim is not None:
+            with self.lock:
+                workers = list(self.workers.values())
+            self.sim.observe_node(node, workers)
         micro = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": self.node, "namespace": "kube-node-lease"},

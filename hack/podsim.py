@@ -13,6 +13,9 @@ sleeping thread each. What happens in between is a script (podsim_script.py):
 * **any other pod** exits after `podsim.lora.dev/run-seconds` with `podsim.lora.dev/exit-code`.
 
 Deleting a running pod plays SIGTERM: a trainer records `Preempted` and the container exits 143.
+Fast-forward: annotating the runner's Node with `podsim.lora.dev/finish-before: <unix time>` makes
+every trainer pod that started before then skip its remaining training steps and finish (seen
+within one heartbeat, 10 s), so a benchmark can let thousands of jobs train as long as it needs.
 The runner's real-process mode (podrunner_pod.py) is untouched by any of this.
 """
 
@@ -31,6 +34,7 @@ import yaml
 from podsim_script import Stage, Trainer, pod_script, preempted, resume_step, trainer_script
 
 KIND = "LoRATrainingJob"
+FAST_FORWARD = "podsim.lora.dev/finish-before"
 IO_SLOTS = threading.BoundedSemaphore(16)  # S3 and API writes in flight across all simulated pods
 _SECRET_TTL = 30.0
 
@@ -103,6 +107,8 @@ class SimPod(threading.Thread):
         self.runner, self.pod, self.api = runner, pod, runner.api
         self.ns, self.pod_name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.stop_event = threading.Event()
+        self.wake = threading.Event()  # stop requested, or the fast-forward time moved
+        self.started_wall = time.time()
         self.delete_after_stop = True
         self.trainer: Trainer | None = None
         self.s3 = None  # (minio client, bucket, prefix) of a trainer pod
@@ -111,6 +117,7 @@ class SimPod(threading.Thread):
     def request_stop(self, grace: float, delete: bool = True) -> None:
         self.delete_after_stop = delete
         self.stop_event.set()
+        self.wake.set()
 
     def _kill_all(self, sig: int) -> None:  # nothing to kill
         pass
@@ -138,11 +145,26 @@ class SimPod(threading.Thread):
         self._status("Running", {c["name"]: {"running": {"startedAt": started}} for c in self._containers()}, started)
         t0 = time.monotonic()
         for stage in script:
-            if self.stop_event.wait(max(0.0, t0 + stage.at - time.monotonic())):
+            if not self._fast_forward():
+                self._sleep_until(t0 + stage.at)
+            if self.stop_event.is_set():
                 return self._end(preempted(self.trainer, self.last_progress), started)
+            if self._fast_forward() and _training(stage):
+                continue  # the rest of the script runs now
             self._write(stage)
             if stage.exit is not None:
                 return self._end(stage, started, written=True)
+
+    def _sleep_until(self, due: float) -> None:
+        """Until the stage is due, the pod is stopped, or a fast-forward concerns it."""
+        while not self.stop_event.is_set() and not self._fast_forward():
+            left = due - time.monotonic()
+            if left <= 0 or not self.wake.wait(left):
+                return
+            self.wake.clear()
+
+    def _fast_forward(self) -> bool:
+        return self.started_wall < self.runner.sim.finish_before
 
     def _end(self, stage: Stage, started: str, written: bool = False) -> None:
         if not written:
@@ -234,6 +256,10 @@ class SimPod(threading.Thread):
             self.runner.log(f"{self.name}: cannot write to s3://{bucket}/{prefix}: {exc}")
 
 
+def _training(stage: Stage) -> bool:
+    return stage.exit is None and (stage.progress or {}).get("state") == "Training"
+
+
 class SecretCache:
     """Secrets by namespace/name for simulated pods' env (one GET per Secret per TTL, not per pod)."""
 
@@ -259,3 +285,16 @@ class Simulation:
     def __init__(self, api):
         self.storage = Storage()
         self.secrets = SecretCache(api)
+        self.finish_before = 0.0  # unix time; see "Fast-forward" above
+
+    def observe_node(self, node: dict, workers) -> None:
+        """Heartbeat hook: pick up the fast-forward annotation and wake the pods it concerns."""
+        raw = ((node.get("metadata") or {}).get("annotations") or {}).get(FAST_FORWARD, "0")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if value != self.finish_before:
+            self.finish_before = value
+            for worker in workers:
+                worker.wake.set()

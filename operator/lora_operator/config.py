@@ -27,7 +27,7 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
                                     (alias LORA_PROGRESS_INTERVAL_S)
   LORA_RESYNC_INTERVAL              seconds between two level-based passes over all jobs (default 30)
   LORA_WORKERS                      threads running passes queued by Job changes and the resync
-                                    (default 4; kopf's create/resume handlers have their own 8)
+                                    (default 16; kopf's create/resume handlers have their own 32)
   LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
                                     "lora-trainer run"); tests point it at a fake trainer
   LORA_TERMINATION_GRACE_SECONDS    pod grace period for the final checkpoint (default 120)
@@ -138,7 +138,7 @@ class OperatorConfig:
     watch_timeout: float = 60.0
     request_timeout: float = 30.0
     namespaces: tuple[str, ...] = ()
-    workers: int = 4
+    workers: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -169,5 +169,5 @@ class OperatorConfig:
             watch_timeout=_float(env, "LORA_WATCH_TIMEOUT", 60.0),
             request_timeout=_float(env, "LORA_REQUEST_TIMEOUT", 30.0),
             namespaces=_list(_get(env, "LORA_NAMESPACES", "LORA_WATCH_NAMESPACES")),
-            workers=max(1, _int(env, "LORA_WORKERS", 4)),
+            workers=max(1, _int(env, "LORA_WORKERS", 16)),
         )

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,6 +55,7 @@ class KubeClient:
         self._groups: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
         self.jobs_informer: JobInformer | None = None
+        self._events = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-events")
 
     def watch_jobs(self, labels: Mapping[str, str], namespaces: Iterable[str], on_change, watch_timeout: float) -> None:
         """Serve list_jobs from a list+watch cache of the Jobs with these labels (see informer.py)."""
@@ -156,6 +158,10 @@ class KubeClient:
         return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
 
     def emit_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post an Event in the background: best effort, and off the reconcile path."""
+        self._events.submit(self._post_event, dict(owner), type_, reason, message)
+
+    def _post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = owner["metadata"]
         stamp = now_rfc3339()
         event = {
@@ -168,5 +174,5 @@ class KubeClient:
         }
         try:
             self.core.create_namespaced_event(meta["namespace"], event, _request_timeout=self.timeout)
-        except ApiException as exc:  # an Event is best effort
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)
+        except Exception as exc:  # an Event is best effort (and nobody waits for this future)
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], getattr(exc, "reason", exc))

@@ -69,10 +69,13 @@ class Reconciler:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Run one pass; returns the status written (or kept), None when the object is gone."""
+    def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Run one pass; returns the status written (or kept), None when the object is gone.
+
+        `fresh`: a body just delivered by the watch for a new object (kopf's create handler),
+        which saves the GET on the path from apply to Job; every other pass GETs."""
         with self._lock(f"{namespace}/{name}"):
-            body = self.kube.get_ltj(namespace, name)
+            body = dict(fresh) if fresh is not None else self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             self.metrics.reconciles.inc()

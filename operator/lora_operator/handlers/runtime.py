@@ -47,9 +47,9 @@ class Runtime:
     def stop(self) -> None:
         self._stop.set()
 
-    def reconcile(self, namespace: str, name: str) -> None:
+    def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> None:
         try:
-            self.reconciler.reconcile(namespace, name)
+            self.reconciler.reconcile(namespace, name, fresh)
         except Exception:
             self.metrics.reconcile_errors.labels(kind=KIND).inc()
             raise
