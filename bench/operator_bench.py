@@ -257,7 +257,7 @@ def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str
         result.update(_window(watcher, training, window_s))
         kubectl("annotate", "node", SIM_NODE, "--overwrite", f"podsim.lora.dev/finish-before={time.time():.3f}")
         t1 = time.monotonic()
-        _wait(lambda: len(watcher.succeeded) >= n, 120 + n * 0.2, poll=1)
+        _wait(lambda: len(watcher.succeeded) >= n, 120 + n * 0.6, poll=1)  # 0.2/job ran out at 1,000 under load
         result["finish_all_s"] = time.monotonic() - t1
         time.sleep(INTERVAL + 5)  # a resync and a progress interval: the last status patches land
         before = request_counts()
@@ -346,7 +346,9 @@ def figures(results: list[dict]) -> list[dict]:
             {"figure": f"LIST jobs/job/min training (N={n}){who}", "ours": r["list_jobs_per_job_min"],
              "target": "~0", "met": r["list_jobs_per_job_min"] < 0.5},
             {"figure": f"idle status PATCHes in {r['idle_window_s']:.0f} s (N={n}){who}",
-             "ours": r["idle_status_patches"], "target": "0", "met": r["idle_status_patches"] == 0},
+             "ours": r["idle_status_patches"], "target": "0",
+             # not idle when jobs were still finishing: then the figure says nothing
+             "met": r["idle_status_patches"] == 0 if r["succeeded"] == n else None},
         ]
     for row in rows:
         row.update(baseline=None, ratio=None)
