@@ -5,18 +5,11 @@ the real S3 server and the operator process, with the fake trainer (fake_trainer
 from __future__ import annotations
 
 import http.server
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import test_operator_cluster as base
-from test_operator_cluster import GROUP, VERSION, apply, get, jobs, wait_for, wait_phase
-
-crd, api, storage, operator_factory = base.crd, base.api, base.storage, base.operator_factory
+from ltj_cluster import GROUP, VERSION, apply, get, jobs, wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 

@@ -23,6 +23,8 @@ class Job:
     name: str = "local"
     namespace: str = "default"
     uid: str = ""  # metadata.uid when run by the operator: job identity, progress.json jobUid
+    champion: Optional[dict] = None
+    "The champion the operator resolved for spec.evaluation.gate.champion ({channel, runId, adapter} or {channel, missing})."
 
 
 def load_job(path: Path | str) -> Job:
@@ -35,8 +37,9 @@ def load_job(path: Path | str) -> Job:
         raise SpecError("config", f"{path} is not a YAML mapping")
     if obj.get("kind") == KIND:
         meta = obj.get("metadata") or {}
+        champion = obj.get("champion") if isinstance(obj.get("champion"), dict) else None
         return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"),
-                   str(meta.get("uid") or ""))
+                   uid=str(meta.get("uid") or ""), champion=champion)
     return Job(parse_spec(obj))
 
 

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -14,11 +15,17 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, PLURAL, VERSION
+from ..api.channel import CHANNEL_PLURAL
+from .informer import JobInformer
 
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MERGE = "application/merge-patch+json"
 MAX_EVENT_PREFIX = 253 - 13
+# Kueue's storage version: read without its conversion webhook, so even while Kueue is down.
+WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+SECRET_TTL = 60.0  # seconds a job's storage credentials are reused (progress reads, not per read)
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -45,7 +52,11 @@ class KubeClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            api_client = client.ApiClient()
+            settings = client.Configuration.get_default_copy()
+            # kopf's executor, the workers, the informer and the resync share it: with the default
+            # (5 x CPUs) pool, connections are dropped and every request pays a TLS handshake.
+            settings.connection_pool_maxsize = 32
+            api_client = client.ApiClient(settings)
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -53,6 +64,14 @@ class KubeClient:
         self.networking = client.NetworkingV1Api(api_client)
         self.timeout = timeout
         self._groups: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        self.jobs_informer: JobInformer | None = None
+        self._events = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-events")
+
+    def watch_jobs(self, labels: Mapping[str, str], namespaces: Iterable[str], on_change, watch_timeout: float) -> None:
+        """Serve list_jobs from a list+watch cache of the Jobs with these labels (see informer.py)."""
+        self.jobs_informer = JobInformer(self.api, _selector(labels), namespaces, on_change, watch_timeout)
+        self.jobs_informer.start()
 
     def _call(self, fn, *args, **kwargs) -> Any:
         return _json(fn(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs))
@@ -67,12 +86,15 @@ class KubeClient:
             raise
 
     def list_ltjs(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """All LoRATrainingJobs, from the API server's watch cache (resourceVersion=0: no etcd read)."""
         namespaces = tuple(namespaces)
         if not namespaces:
-            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)["items"]
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                              resource_version="0")["items"]
         items: list[dict[str, Any]] = []
         for ns in namespaces:
-            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL)["items"]
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                                resource_version="0")["items"]
         return items
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
@@ -80,8 +102,53 @@ class KubeClient:
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
             _content_type=MERGE, _request_timeout=self.timeout)
 
+    # LoRAAdapterChannels
+    def get_channel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_custom(CHANNEL_PLURAL, namespace, name)
+
+    def list_channels(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        return self._list_custom(CHANNEL_PLURAL, tuple(namespaces))
+
+    def patch_channel_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CHANNEL_PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE, _request_timeout=self.timeout)
+
+    def _get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _list_custom(self, plural: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        if not namespaces:
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)["items"]
+        items: list[dict[str, Any]] = []
+        for ns in namespaces:
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural)["items"]
+        return items
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def replace_configmap(self, manifest: Mapping[str, Any], resource_version: str) -> dict[str, Any]:
+        """Replace with the resourceVersion read: a concurrent writer makes this fail (409), not vanish."""
+        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": resource_version}}
+        meta = body["metadata"]
+        return self._call(self.core.replace_namespaced_config_map, meta["name"], meta["namespace"], body)
+
     # Children
     def list_jobs(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        cached = self.jobs_informer.jobs(namespace, labels) if self.jobs_informer else None
+        if cached is not None:
+            return cached
         return self._call(self.batch.list_namespaced_job, namespace, label_selector=_selector(labels))["items"]
 
     def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
@@ -102,15 +169,40 @@ class KubeClient:
                               self.networking.read_namespaced_network_policy),
         }[kind]
         try:
-            return self._call(create, ns, dict(manifest))
+            obj = self._call(create, ns, dict(manifest))
         except ApiException as exc:
             if exc.status != 409:
                 raise
             log.info("%s %s/%s already exists", kind, ns, name)
-            return self._call(read, name, ns)
+            obj = self._call(read, name, ns)
+        if kind == "Job" and self.jobs_informer:
+            self.jobs_informer.put(obj)
+        return obj
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
-        return self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+        obj = self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+        if self.jobs_informer:
+            self.jobs_informer.put(obj)
+        return obj
+
+    # Kueue
+    def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        """The Workload Kueue keeps for a Job (None when there is none, or no Kueue)."""
+        group, version, plural = WORKLOADS
+        try:
+            items = self._call(self.custom.list_namespaced_custom_object, group, version, namespace, plural,
+                               label_selector=f"{JOB_UID_LABEL}={job_uid}")["items"]
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return max(items, key=lambda w: w["metadata"].get("creationTimestamp") or "", default=None)
+
+    def patch_workload_active(self, namespace: str, name: str, active: bool, annotations: Mapping[str, Any]) -> dict:
+        group, version, plural = WORKLOADS
+        body = {"metadata": {"annotations": dict(annotations)}, "spec": {"active": active}}
+        return self._call(self.custom.patch_namespaced_custom_object, group, version, namespace, plural, name, body,
+                          _content_type=MERGE)
 
     def list_quotas(self, namespace: str) -> list[dict[str, Any]]:
         return self._call(self.core.list_namespaced_resource_quota, namespace)["items"]
@@ -124,14 +216,22 @@ class KubeClient:
         return group in groups
 
     def read_secret_keys(self, namespace: str, name: str, keys: Iterable[str]) -> dict[str, str]:
-        """Decoded values of some keys of a Secret. Callers must never log or store them."""
+        """Decoded values of some keys of a Secret. Callers must never log or store them.
+
+        Kept in memory for SECRET_TTL seconds, so progress reads of a thousand jobs do not GET the
+        Secret each time; a rotated key is picked up within that time."""
         import base64
 
-        try:
-            data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
-        except ApiException as exc:
-            log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
-            return {}
+        cached = self._secrets.get((namespace, name))
+        if cached and time.monotonic() - cached[0] < SECRET_TTL:
+            data = cached[1]
+        else:
+            try:
+                data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+            except ApiException as exc:
+                log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
+                return {}
+            self._secrets[(namespace, name)] = (time.monotonic(), data)
         return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
 
     def secret_exists(self, namespace: str, name: str) -> bool | None:
@@ -147,6 +247,10 @@ class KubeClient:
             raise
 
     def emit_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post an Event in the background: best effort, and off the reconcile path."""
+        self._events.submit(self._post_event, dict(owner), type_, reason, message)
+
+    def _post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = owner["metadata"]
         stamp = now_rfc3339()
         event = {
@@ -159,5 +263,5 @@ class KubeClient:
         }
         try:
             self.core.create_namespaced_event(meta["namespace"], event, _request_timeout=self.timeout)
-        except ApiException as exc:  # an Event is best effort
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)
+        except Exception as exc:  # an Event is best effort (and nobody waits for this future)
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], getattr(exc, "reason", exc))

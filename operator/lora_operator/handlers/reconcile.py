@@ -36,10 +36,12 @@ from ..clients.storage import ProgressStore
 from ..config import OperatorConfig
 from ..observability.metrics import Metrics
 from ..status import (
+    DEACTIVATED_BY,
     OWNED_FIELDS,
     Blocked,
     JobView,
     Observed,
+    WorkloadView,
     accept_report,
     check_kueue,
     check_policy,
@@ -58,7 +60,9 @@ from ..status import (
     resolve_queue,
     running_elsewhere,
     transition_events,
+    workload_view,
 )
+from ..status.channel import resolve_champion
 
 log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
@@ -116,11 +120,14 @@ class Reconciler:
             for gone in [k for k in self._progress if k not in live]:
                 self._progress.pop(gone, None)
 
-    def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Run one pass; returns the status written (or kept), None when the object is gone."""
+    def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Run one pass; returns the status written (or kept), None when the object is gone.
+
+        `fresh`: a body just delivered by the watch for a new object (kopf's create handler),
+        which saves the GET on the path from apply to Job; every other pass GETs."""
         key = f"{namespace}/{name}"
         with self._lock(key):
-            body = self.kube.get_ltj(namespace, name)
+            body = dict(fresh) if fresh is not None else self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.forget(key)
                 return None
@@ -141,22 +148,28 @@ class Reconciler:
         queue = resolve_queue(spec, self.config)
         raw = [j for j in self.kube.list_jobs(owner.namespace, selector_labels(owner.name)) if _owned_by(j, owner.uid)]
         jobs = [self._view(owner, job, prev) for job in raw]
+        workload = self._workload(owner, raw) if queue else None
         decision = plan(jobs, prev.get("attempts") or (), suspend=spec.suspend,
-                        max_retries=spec.max_retries, kueue_managed=bool(queue))
+                        max_retries=spec.max_retries, kueue_managed=bool(queue), workload=workload)
         if decision.suspend_job is not None:
             jobs = self._set_suspend(owner, jobs, decision.suspend_job)
+        if decision.workload_active is not None and workload is not None:
+            workload = self._set_workload_active(owner, workload, decision.workload_active)
         blocked: Blocked | None = None
+        started = False
         if decision.start_attempt:
             blocked = self._previous_pods_gone(owner, jobs) or self._admission(owner, spec, queue)
             if blocked is None:
                 try:
                     jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
+                    started = True
                 except NameTaken as taken:
                     blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
-        progress = self._read_progress(body, owner, spec, jobs)
+        # A Job created this pass has written nothing yet: read on the next pass, not now.
+        progress = None if started else self._read_progress(body, owner, spec, jobs)
         return self._write(body, Observed(
             generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
-            jobs=tuple(jobs), blocked=blocked, progress=progress))
+            jobs=tuple(jobs), blocked=blocked, progress=progress, workload=workload))
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[LoRATrainingJobSpec | None, tuple[str, str] | None]:
         try:
@@ -195,6 +208,21 @@ class Reconciler:
         patched = job_view(self.kube.patch_job_suspend(owner.namespace, current.name, suspend))
         return [patched if j.name == current.name else j for j in jobs]
 
+    def _workload(self, owner: Owner, raw: list[dict[str, Any]]) -> WorkloadView | None:
+        """Kueue's Workload of the live (unfinished) Job, if any."""
+        live = [j for j in raw if job_view(j).outcome is None]
+        if not live:
+            return None
+        current = max(live, key=lambda j: job_view(j).attempt)
+        found = self.kube.get_workload(owner.namespace, current["metadata"]["uid"])
+        return workload_view(found) if found else None
+
+    def _set_workload_active(self, owner: Owner, workload: WorkloadView, active: bool) -> WorkloadView:
+        log.info("%s Kueue Workload %s/%s", "reactivating" if active else "deactivating", owner.namespace, workload.name)
+        marker = None if active else MANAGED_BY  # reactivate later only what we deactivated
+        return workload_view(self.kube.patch_workload_active(owner.namespace, workload.name, active,
+                                                             {DEACTIVATED_BY: marker}))
+
     def _admission(self, owner: Owner, spec: LoRATrainingJobSpec, queue: str | None) -> Blocked | None:
         if queue:
             blocked = check_kueue(queue, self.kube.has_api_group(KUEUE_GROUP))
@@ -216,7 +244,8 @@ class Reconciler:
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
-        self._create(owner, build_configmap(owner, spec, image=image, endpoint=endpoint))
+        self._create(owner, build_configmap(owner, spec, image=image, endpoint=endpoint,
+                                            champion=self._champion(owner, spec)))
         if self.config.network_policy:  # before the Job: its pods never run unfenced
             self._create(owner, build_network_policy(owner, egress_ports(spec, self.config)))
         if spec.resources.nodes > 1:
@@ -238,6 +267,14 @@ class Reconciler:
         if not _owned_by(obj, owner.uid):
             raise NameTaken({"kind": manifest["kind"], **obj})
         return obj
+
+    def _champion(self, owner: Owner, spec: LoRATrainingJobSpec) -> dict[str, Any] | None:
+        """Resolved once, when the first attempt's ConfigMap is made; later attempts reuse it."""
+        gate = spec.evaluation.gate.champion
+        if gate is None:
+            return None
+        body = self.kube.get_channel(owner.namespace, gate.channel)
+        return resolve_champion(gate.channel, body, spec.base_model.revision)
 
     def _read_progress(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                        jobs: list[JobView]) -> dict | None:

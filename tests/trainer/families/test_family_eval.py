@@ -56,6 +56,7 @@ def _gemma_job(tmp_path, base, on_invalid="skip", max_len=0):
     rows = F.conversations(8, seed=5, shapes=("single", "multi"))
     rows.insert(1, {"messages": F.conversation("system", 9)})  # line 2: Gemma-2 refuses system turns
     (store / "data").mkdir(parents=True)
+    (store / "out").mkdir()  # the output bucket exists (preflight refuses a missing one)
     (store / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"baseModel": {"uri": f"file://{base}", "revision": fingerprint_dir(base)},
             "dataset": {"train": "s3://data/train.jsonl", "onInvalidLine": on_invalid, "maxSeqLength": max_len,
