@@ -8,6 +8,8 @@ Contract for pod specs run locally (documented in hack/podrunner.py as well):
   ``.local/pods/<ns>_<name>_<uid>/volumes/<volume>[/<subPath>]``, except a path that already
   exists on this machine (a checkout under /tmp while the pod mounts an emptyDir at /tmp). Code that hard-codes a mount
   path without receiving it through those fields will not find its files.
+* A pod with ``spec.subdomain`` gets its hostname and resolves the names of its peers behind a
+  headless Service (all on 127.0.0.1; see podrunner_dns.py).
 * Only a few variables of the runner's environment pass through (PATH with the venv's bin dir
   first, HOME, locale, HF_*/CUDA_*/TORCH* ..., and names in ``LORA_PODRUNNER_PASSENV``).
 """
@@ -64,7 +66,7 @@ def base_env(bin_dir: str, pod: dict, api_port: str) -> dict:
         if k in os.environ:
             env[k] = os.environ[k]
     env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
-    env["HOSTNAME"] = pod["metadata"]["name"]
+    env["HOSTNAME"] = (pod["spec"].get("hostname") or pod["metadata"]["name"])[:63]
     if api_port:
         env.update(KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=api_port,
                    KUBERNETES_SERVICE_PORT_HTTPS=api_port)
@@ -210,6 +212,7 @@ class PodWorker(threading.Thread):
     def _start(self, c: dict, statuses: dict) -> None:
         name = c["name"]
         argv, env, cwd = self._launch_spec(c)
+        argv = self.runner.dns.wrap(self.pod, self.dir, argv)  # own hostname and /etc/hosts (subdomain)
         term = self.dir / f"{name}.termination-log"
         term.write_text("")
         with open(self.dir / f"{name}.log", "ab") as out:
