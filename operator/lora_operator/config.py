@@ -29,6 +29,9 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
   LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
                                     "lora-trainer run"); tests point it at a fake trainer
   LORA_TERMINATION_GRACE_SECONDS    pod grace period for the final checkpoint (default 120)
+  LORA_RENDEZVOUS_TIMEOUT_SECONDS   multi-node: how long pod 0 waits for the other pods (default 600)
+  LORA_COLLECTIVE_TIMEOUT_SECONDS   multi-node: how long a rank waits in one collective before the
+                                    attempt fails (default 1800)
   LORA_METRICS_PORT                 Prometheus /metrics port; 0 = off (default 8080)
   LORA_LIVENESS_ENDPOINT            kopf liveness URL (default http://0.0.0.0:8081/healthz)
   LORA_LOG_FORMAT                   plain | json (default plain)
@@ -130,6 +133,8 @@ class OperatorConfig:
     resync_interval: float = 30.0
     trainer_command: tuple[str, ...] = ("lora-trainer", "run")
     termination_grace_seconds: int = 120
+    rendezvous_timeout_seconds: int = 600
+    collective_timeout_seconds: int = 1800
     metrics_port: int = 8080
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     log_format: str = "plain"
@@ -160,6 +165,8 @@ class OperatorConfig:
             resync_interval=_float(env, "LORA_RESYNC_INTERVAL", 30.0),
             trainer_command=tuple(shlex.split(env.get("LORA_TRAINER_COMMAND", ""))) or ("lora-trainer", "run"),
             termination_grace_seconds=_int(env, "LORA_TERMINATION_GRACE_SECONDS", 120),
+            rendezvous_timeout_seconds=_int(env, "LORA_RENDEZVOUS_TIMEOUT_SECONDS", 600),
+            collective_timeout_seconds=_int(env, "LORA_COLLECTIVE_TIMEOUT_SECONDS", 1800),
             metrics_port=_int(env, "LORA_METRICS_PORT", 8080),
             liveness_endpoint=env.get("LORA_LIVENESS_ENDPOINT", "").strip() or "http://0.0.0.0:8081/healthz",
             log_format=log_format,

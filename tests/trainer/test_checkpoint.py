@@ -95,3 +95,28 @@ def test_termination_message_is_one_json_line_and_unwritable_paths_are_ignored(t
     text = (tmp_path / "t").read_text()
     assert text.count("\n") == 1 and len(text) < 4096 and json.loads(text)["state"] == "Failed"
     write_termination_message(tmp_path / "missing" / "dir" / "t", {"state": "Failed"})
+
+
+def test_every_rank_restores_its_own_rng_state_and_a_missing_one_says_so(tmp_path):
+    import random
+
+    import torch
+
+    states = []
+    for seed in (1, 2):  # rank 0 and rank 1 draw from different streams
+        torch.manual_seed(seed)
+        random.seed(seed)
+        states.append(ckpt.rng_state())
+    for rank, state in enumerate(states):
+        torch.save(state, tmp_path / ckpt.rng_file(rank))
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        assert ckpt.restore_rng(tmp_path, rank)
+        draws.append((torch.rand(3).tolist(), random.random()))
+    torch.manual_seed(2)
+    random.seed(2)
+    assert draws[1] == (torch.rand(3).tolist(), random.random()), "rank 1 got someone else's stream"
+    assert draws[0] != draws[1]
+    assert (tmp_path / "rng.pt").exists(), "rank 0 keeps the single-process file name"
+    assert ckpt.restore_rng(tmp_path, 2) is False, "a checkpoint of two ranks has no state for rank 2"

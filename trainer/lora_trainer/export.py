@@ -225,8 +225,10 @@ def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
 def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, report: EvalReport, tokenizer, *,
             eval_records: Sequence[dict], work_dir: Path, run_id: Optional[str] = None,
             dataset_hashes: Optional[dict] = None, max_seq_length: Optional[int] = None,
-            started_at: Optional[str] = None, device: Optional[torch.device] = None) -> dict:
+            started_at: Optional[str] = None, device: Optional[torch.device] = None,
+            world_size: int = 1) -> dict:
     """Build, verify, stage and promote the artifacts (see module docstring); returns their URIs.
+    `world_size`: training processes of the run that wrote the checkpoint (for the metadata).
 
     `adapter_dir` is the evaluated checkpoint's PEFT adapter directory; `store`/`output_key` come
     from `storage.open_uri(spec.output.uri)`.
@@ -256,7 +258,7 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
     }
     meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
                           files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
-                          started_at=started_at, warnings=warnings)
+                          started_at=started_at, warnings=warnings, world_size=world_size)
     store.put_bytes(storage.join(output_key, METADATA), json.dumps(meta, indent=1, sort_keys=True).encode())
     _cleanup(store, staging_key, local)
     log.info("published %s", ", ".join(f"{k}={v}" for k, v in uris.items() if v))

@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -62,14 +63,19 @@ class LoRARecipe:
 
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         mixed = MIXED[self.spec.compute_dtype]
         cpu = not torch.cuda.is_available()
         if cpu and mixed == "fp16":
             mixed = "no"  # fp16 autocast is a GPU feature
-        self.acc = Accelerator(mixed_precision=mixed, cpu=cpu)
+        # A lost peer must end the attempt, not hang it: every collective gives up after this.
+        timeout = self.rt.collective_timeout_s
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
+        self.acc = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers)
         self.rank0 = self.acc.is_main_process
+        log.info("rank %d of world size %d (local rank %d, %s)", self.acc.process_index,
+                 self.acc.num_processes, self.acc.local_process_index, self.acc.distributed_type)
         set_seed(self.spec.training.seed)
         self.rt.work_dir.mkdir(parents=True, exist_ok=True)
         skw = self.rt.store_kwargs(self.job)
@@ -77,7 +83,8 @@ class LoRARecipe:
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
                                        self.rt.progress_interval_s, self.rt.attempt)
-        self.progress.update(state="Preparing", force=True)
+        self.progress.update(state="Preparing", rank=self.acc.process_index,
+                             worldSize=self.acc.num_processes, force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():
             self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
@@ -139,7 +146,7 @@ class LoRARecipe:
         self.step = state["step"]
         self.best_eval, self.best_step = state.get("bestEvalLoss"), state.get("bestStep")
         self.history = state.get("history", [])
-        if self.acc.process_index:
+        if not ckpt.restore_rng(local, self.acc.process_index):  # written by fewer ranks
             torch.manual_seed(self.spec.training.seed + self.acc.process_index + self.step)
         log.info("resumed from %s at step %d", self.out_store.describe(ref.key), self.step)
         best = self._ckpt_uri(self.best_step) if self.best_step is not None else None
@@ -257,15 +264,17 @@ class LoRARecipe:
         """Save and upload step-N (rank 0), prune old ones, then report it (never before COMPLETE)."""
         if self.last_eval is None or self.last_eval[0] != self.step:
             self.evaluate()  # every checkpoint carries its own eval loss, so "best" means something
+        rng_states = self._rng_states()  # every rank's, so each resumes with its own
         if self.rank0:
             local = self.rt.work_dir / "checkpoints" / f"step-{self.step}"
             shutil.rmtree(local, ignore_errors=True)
             epoch, in_epoch = divmod(self.step, self.schedule.steps_per_epoch)
             state = {"step": self.step, "evalLoss": self.last_eval[1], "bestEvalLoss": self.best_eval,
                      "bestStep": self.best_step, "dataPosition": {"epoch": epoch, "stepInEpoch": in_epoch},
-                     "totalSteps": self.total_steps, "history": self.history}
+                     "totalSteps": self.total_steps, "history": self.history,
+                     "worldSize": self.acc.num_processes}
             ckpt.save_local(local, self.acc.unwrap_model(self.model), self.optimizer,
-                            self.scheduler, state)
+                            self.scheduler, state, rng_states)
             ckpt.upload(self.out_store, local, self.out_key, self.step)
             ckpt.prune(self.out_store, self.out_key, self.spec.training.keep_checkpoints,
                        self.best_step)
@@ -275,6 +284,15 @@ class LoRARecipe:
                                  bestCheckpoint=self._ckpt_uri(self.best_step),
                                  bestEvalLoss=self.best_eval)
         self.acc.wait_for_everyone()
+
+    def _rng_states(self) -> list[dict]:
+        """The RNG state of every rank, index = rank (all ranks take part; only rank 0 writes)."""
+        mine = ckpt.rng_state()
+        if self.acc.num_processes == 1:
+            return [mine]
+        states: list = [None] * self.acc.num_processes
+        torch.distributed.all_gather_object(states, mine)
+        return states
 
     def _write_metrics(self) -> None:
         """metrics.jsonl: one line per step (loss, and evalLoss where evaluated), for loss plots.

@@ -107,7 +107,8 @@ def _attempt(job: Job, rt: RuntimeConfig) -> Iterator[LoRARecipe]:
             recipe.progress.update(state="Failed", error=error, force=True)
         raise
     finally:
-        if getattr(recipe, "rank0", True):
+        acc = getattr(recipe, "acc", None)
+        if acc is None or acc.is_local_main_process:  # one summary per pod, with its rank
             data = recipe.progress.data if hasattr(recipe, "progress") else {"state": "Failed",
                                                                               "error": error}
             write_termination_message(rt.termination_log, data)
@@ -138,6 +139,7 @@ class StageContext:
     progress: Optional[ProgressWriter] = None
     max_seq_length: Optional[int] = None  # the training length (auto = p95)
     dataset_hashes: dict = field(default_factory=dict)
+    world_size: int = 1  # training processes of the run that wrote the checkpoint
 
     @property
     def spec(self):
@@ -176,8 +178,10 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
     local = rt.work_dir / "best"
     shutil.rmtree(local, ignore_errors=True)
     storage.download_prefix(store, storage.join(ref.key, "adapter"), local)
+    state = json.loads(store.get_bytes(storage.join(ref.key, "state.json")))
     return StageContext(job, rt, Path(base_dir), local, ref, prepared.eval_jsonl, store, key,
-                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes))
+                        progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
+                        int(state.get("worldSize") or 1))
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
@@ -224,7 +228,8 @@ def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
                              ctx.adapter_dir, report, tokenizer, eval_records=ctx.eval_records(),
                              work_dir=ctx.runtime.work_dir,
                              run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
-                             dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length)
+                             dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
+                             world_size=ctx.world_size)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris

@@ -148,7 +148,9 @@ class Reconciler:
             self.kube.create(build_service(owner))
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
                            endpoint=endpoint, queue_name=queue,
-                           termination_grace_seconds=self.config.termination_grace_seconds)
+                           termination_grace_seconds=self.config.termination_grace_seconds,
+                           rendezvous_timeout_seconds=self.config.rendezvous_timeout_seconds,
+                           collective_timeout_seconds=self.config.collective_timeout_seconds)
         job = self.kube.create(build_job(owner, spec, params))
         log.info("attempt %d of %s/%s: Job %s", attempt, owner.namespace, owner.name, job["metadata"]["name"])
         self.kube.emit_event(body, "Normal", "AttemptStarted", f"Job {job['metadata']['name']} (attempt {attempt})")

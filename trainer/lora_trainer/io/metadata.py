@@ -40,9 +40,11 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
 
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
                    files: dict[str, str], dataset_hashes: dict[str, str], run_id: str,
-                   started_at: Optional[str] = None, warnings: Optional[list[str]] = None) -> dict[str, Any]:
+                   started_at: Optional[str] = None, warnings: Optional[list[str]] = None,
+                   world_size: int = 1) -> dict[str, Any]:
     """The metadata document. `spec` is the resolved LoRATrainingJobSpec; `report` the EvalReport
-    (with its `merged` verification when merged weights were exported)."""
+    (with its `merged` verification when merged weights were exported); `world_size` the training
+    processes of the run (rank 0 writes, so `distributed.rank` is always 0)."""
     targets = adapter_config.get("target_modules")
     return {
         "schemaVersion": SCHEMA_VERSION,
@@ -60,6 +62,7 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "quantization": spec.quantization,
         "computeDtype": spec.compute_dtype,
         "checkpointStep": report.checkpoint_step,
+        "distributed": {"rank": 0, "worldSize": world_size, "nodes": spec.resources.nodes},
         "eval": report.to_dict(),
         "spec": spec.to_wire(),  # every hyperparameter, defaults resolved
         "trainerVersion": trainer_version(),

@@ -112,20 +112,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_local(dest: Path, model, optimizer, scheduler, state: dict) -> Path:
-    """Adapter weights (PEFT format), optimizer, scheduler, RNG states and `state.json`."""
+def rng_file(rank: int) -> str:
+    """Rank 0's RNG state is rng.pt (as in single-process checkpoints); rank k's is rng-rank-k.pt."""
+    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
+
+
+def save_local(dest: Path, model, optimizer, scheduler, state: dict,
+               rng_states: Optional[list[dict]] = None) -> Path:
+    """Adapter weights (PEFT format), optimizer, scheduler, the RNG state of every rank
+    (`rng_states[k]` of rank k; default: this process's) and `state.json`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest / "adapter"), safe_serialization=True)
     torch.save(optimizer.state_dict(), dest / "optimizer.pt")
     torch.save(scheduler.state_dict(), dest / "scheduler.pt")
-    torch.save(rng_state(), dest / "rng.pt")
+    for rank, rng in enumerate(rng_states or [rng_state()]):
+        torch.save(rng, dest / rng_file(rank))
     (dest / "state.json").write_text(json.dumps(state, sort_keys=True, indent=1))
     return dest
 
 
 def load_local(src: Path, model, optimizer, scheduler) -> dict:
-    """Restore what save_local wrote; returns state.json."""
+    """Restore the adapter, optimizer and scheduler save_local wrote; returns state.json.
+    RNG states are per rank: `restore_rng`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -137,5 +146,14 @@ def load_local(src: Path, model, optimizer, scheduler) -> dict:
         raise ValueError(f"checkpoint {src} has unexpected adapter keys: {unexpected[:3]}")
     optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(src / "rng.pt", weights_only=False))
     return json.loads((src / "state.json").read_text())
+
+
+def restore_rng(src: Path, rank: int) -> bool:
+    """Restore this rank's own RNG state; False when the checkpoint has none for it (a checkpoint
+    written by fewer ranks), so the caller reseeds."""
+    path = Path(src) / rng_file(rank)
+    if not path.exists():
+        return False
+    set_rng_state(torch.load(path, weights_only=False))
+    return True
