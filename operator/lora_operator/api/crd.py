@@ -150,6 +150,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
         {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.verdict"},
+        {"name": "Workers", "type": "string", "jsonPath": ".status.workers.summary", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

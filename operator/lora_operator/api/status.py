@@ -92,6 +92,18 @@ class Attempt(ApiModel):
     reason: Optional[str] = Field(default=None, description="OOMKilled, Evicted, Error, DeadlineExceeded...")
     exit_code: Optional[int] = Field(default=None, description="Trainer exit code.")
     message: Optional[str] = Field(default=None, description="Termination message of the trainer.")
+    failed_rank: Optional[int] = Field(
+        default=None, description="Multi-node: node rank (completion index) of the pod that failed first."
+    )
+    failed_pod: Optional[str] = Field(default=None, description="Multi-node: the pod that failed first.")
+
+
+class Workers(ApiModel):
+    """Pods of the current attempt."""
+
+    ready: int = Field(default=0, description="Ready pods.")
+    total: int = Field(default=1, description="Pods the attempt runs (spec.resources.nodes).")
+    summary: str = Field(default="", description="ready/total for kubectl get -o wide.")
 
 
 class LoRATrainingJobStatus(ApiModel):
@@ -108,6 +120,7 @@ class LoRATrainingJobStatus(ApiModel):
     artifacts: Optional[Artifacts] = Field(default=None, description="Published artifacts.")
     attempts: list[Attempt] = Field(default_factory=list, description="Trainer attempts, oldest first.")
     job_name: Optional[str] = Field(default=None, description="Current child batch/v1 Job.")
+    workers: Optional[Workers] = Field(default=None, description="Ready/total pods of the current attempt.")
     skipped_lines: Optional[int] = Field(default=None, description="Invalid data lines skipped.")
     dataset_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 per dataset file.")
     start_time: Optional[str] = Field(default=None, description="When training first started.")

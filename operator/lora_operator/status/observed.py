@@ -14,6 +14,8 @@ class Failure:
     reason: str
     exit_code: int | None = None
     message: str | None = None
+    node_rank: int | None = None  # multi-node: the failed pod's completion index
+    pod: str | None = None  # multi-node: the failed pod's name
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class JobView:
     suspended: bool = False
     active: int = 0
     ready: int = 0
+    parallelism: int = 1  # pods the attempt runs at once (spec.resources.nodes)
     finished_pods: int = 0  # succeeded + failed pods; >0 with active == 0: the Job is concluding
     outcome: str | None = None  # "Succeeded" | "Failed" | None while running
     failure: Failure | None = None  # set when the operator looked at the failed pod
