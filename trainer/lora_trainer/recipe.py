@@ -160,10 +160,10 @@ class LoRARecipe:
             return collate_packed(rows, self.data.row_len, self.tokenizer.pad_token_id)
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
-    def _sum_ce(self, batch) -> torch.Tensor:
+    def _sum_ce(self, batch, model=None) -> torch.Tensor:
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            logits = self.model(**batch.model_inputs()).logits
+            logits = (self.model if model is None else model)(**batch.model_inputs()).logits
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
                                ignore_index=IGNORE, reduction="sum")
 
@@ -243,10 +243,13 @@ class LoRARecipe:
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
         mine = rows[rank::world]
+        # Not through DDP: its forward is a collective (buffer broadcast), and ranks may hold
+        # different numbers of held-out batches; a rank with one more would wait forever.
+        plain = self.acc.unwrap_model(self.model)
         total = count = 0.0
         for i in range(0, len(mine), bs):
             batch = self._batch(mine[i:i + bs])
-            total += float(self._sum_ce(batch))
+            total += float(self._sum_ce(batch, plain))
             count += batch.n_targets
         self.model.train()
         loss = self._all_sum(total) / max(self._all_sum(count), 1.0)
