@@ -28,6 +28,7 @@ from pathlib import Path
 PASSENV = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ", "LD_LIBRARY_PATH")
 PASSENV_PREFIXES = ("HF_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRANSFORMERS_", "TOKENIZERS_")
 MAX_RESTARTS = int(os.environ.get("LORA_PODRUNNER_MAX_RESTARTS", "5"))
+POD_MARK = "LORA_PODRUNNER_POD_UID"
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_MAP = re.compile(r"metadata\.(labels|annotations)\['(.+)'\]$")
 
@@ -67,6 +68,7 @@ def base_env(bin_dir: str, pod: dict, api_port: str) -> dict:
             env[k] = os.environ[k]
     env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     env["HOSTNAME"] = (pod["spec"].get("hostname") or pod["metadata"]["name"])[:63]
+    env[POD_MARK] = pod["metadata"]["uid"]  # inherited by every descendant: the pod's "cgroup"
     if api_port:
         env.update(KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=api_port,
                    KUBERNETES_SERVICE_PORT_HTTPS=api_port)
@@ -203,6 +205,23 @@ class PodWorker(threading.Thread):
                     os.killpg(p.pid, sig)
                 except ProcessLookupError:
                     pass
+        if sig == signal.SIGKILL:
+            kill_marked(self.uid)
+
+
+def kill_marked(uid: str) -> None:
+    """SIGKILL every process of the pod, also those in their own session (torchrun's workers) or
+    orphaned by their parent, as a kubelet does by killing the container's cgroup."""
+    mark = f"{POD_MARK}={uid}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            pass
 
     def _containers(self) -> list[dict]:
         spec = self.pod["spec"]

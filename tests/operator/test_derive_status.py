@@ -194,8 +194,8 @@ def test_should_show_ready_over_total_pods_of_the_current_attempt_and_wait_for_t
     assert running["message"].endswith("1/2 pods ready")
 
 
-def test_should_name_the_failed_rank_in_the_retry_event():
-    from lora_operator.status import transition_events
+def test_should_name_the_failed_rank_in_an_event_once():
+    from lora_operator.status import attempt_events
 
     first = Observed(1, NOW, jobs=(job(active=2, ready=2, parallelism=2),), progress=progress())
     before = derive_status(first)
@@ -203,5 +203,7 @@ def test_should_name_the_failed_rank_in_the_retry_event():
                failure=Failure("Error", 137, None, node_rank=1, pod="demo-a1-1-x"))
     after = derive_status(Observed(1, NOW, previous=before, jobs=(lost,), max_retries=2))
     assert after["attempts"][0]["failedRank"] == 1 and after["workers"]["summary"] == "0/2"
-    events = transition_events(before["conditions"], after["conditions"])
-    assert any("node rank 1 (pod demo-a1-1-x) first" in e.message for e in events), events
+    events = attempt_events(before["attempts"], after["attempts"])
+    assert [(e.type, e.reason) for e in events] == [("Warning", "AttemptFailed")]
+    assert "node rank 1 (pod demo-a1-1-x) first, Error, exit code 137" in events[0].message
+    assert attempt_events(after["attempts"], after["attempts"]) == [], "once, not on every pass"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ api, crd, operator_factory, storage = oc.api, oc.crd, oc.operator_factory, oc.st
 apply, get, wait_for, wait_phase = oc.apply, oc.get, oc.wait_for, oc.wait_phase
 sys.path.insert(0, str(HACK))
 from podrunner_dns import isolation_available  # noqa: E402
+from podrunner_pod import kill_marked  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(420),
               pytest.mark.skipif(not isolation_available(), reason="pod DNS needs unshare (root or user namespaces)")]
@@ -59,11 +58,11 @@ def reference(tiny_files, tmp_path_factory):
     import shutil
 
     import yaml
+    from overrides import with_overrides
 
     from lora_trainer.__main__ import run_job
     from lora_trainer.config import RuntimeConfig, load_job
     from lora_trainer.io.storage import fingerprint_dir
-    from overrides import with_overrides
 
     base, train = tiny_files
     root = tmp_path_factory.mktemp("reference")
@@ -124,8 +123,8 @@ def _assert_equals_reference(storage, reference) -> None:
 
 
 def _operator(operator_factory, **env):
-    return operator_factory(LORA_TRAINER_COMMAND="lora-trainer run", LORA_RENDEZVOUS_TIMEOUT_SECONDS="60",
-                            LORA_COLLECTIVE_TIMEOUT_SECONDS="60", **env)
+    return operator_factory(**{"LORA_TRAINER_COMMAND": "lora-trainer run", "LORA_RENDEZVOUS_TIMEOUT_SECONDS": "60",
+                               "LORA_COLLECTIVE_TIMEOUT_SECONDS": "60", **env})
 
 
 def _pods(api, namespace, job_name):
@@ -172,8 +171,7 @@ def test_should_end_the_attempt_when_one_pod_is_killed_and_resume_both_ranks(nam
     _two_nodes(api, namespace, storage, uploaded)
     _wait_object(storage, "demo/checkpoints/step-4/COMPLETE", 300)
     victim = _pods(api, namespace, "demo-a1")[1]
-    pid = int(victim.status.container_statuses[0].container_id.rsplit("/", 1)[1])
-    os.killpg(pid, signal.SIGKILL)  # the node is gone: no SIGTERM, no checkpoint, no goodbye to rank 0
+    kill_marked(victim.metadata.uid)  # the node is gone: SIGKILL to the agent and its worker, no checkpoint
     killed = time.monotonic()
     wait_for(lambda: (get(api, namespace).get("status") or {}).get("attempts", [{}])[0].get("outcome"), 120,
              "attempt 1 to end")
@@ -183,7 +181,7 @@ def test_should_end_the_attempt_when_one_pod_is_killed_and_resume_both_ranks(nam
     assert first["outcome"] == "Failed" and first["failedRank"] == 1, first
     assert first["failedPod"] == victim.metadata.name and first["exitCode"] == 137, first
     assert second["outcome"] == "Succeeded"
-    events = [e.message for e in api["core"].list_namespaced_event(namespace).items if e.reason == "Retrying"]
+    events = [e.message for e in api["core"].list_namespaced_event(namespace).items if e.reason == "AttemptFailed"]
     assert any(f"node rank 1 (pod {victim.metadata.name})" in m for m in events), events
     progress = json.loads(_object(storage, "demo/progress.json"))
     assert progress["attempt"] == 2 and progress["worldSize"] == 2

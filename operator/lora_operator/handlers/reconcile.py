@@ -34,6 +34,7 @@ from ..status import (
     Blocked,
     JobView,
     Observed,
+    attempt_events,
     check_kueue,
     check_policy,
     check_quota,
@@ -190,7 +191,8 @@ class Reconciler:
         status = derive_status(obs)
         if status != {k: prev.get(k) for k in OWNED_FIELDS}:
             self.kube.patch_status(meta["namespace"], meta["name"], status)
-        for event in transition_events(prev.get("conditions"), status["conditions"]):
+        for event in [*attempt_events(prev.get("attempts"), status["attempts"]),
+                      *transition_events(prev.get("conditions"), status["conditions"])]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)
             self.kube.emit_event(body, event.type, event.reason, event.message)
         self._observe(meta, prev, status)

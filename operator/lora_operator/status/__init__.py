@@ -2,7 +2,7 @@
 
 from . import conditions
 from .derive import OWNED_FIELDS, derive_status, is_terminal, phase_of
-from .events import Event, transition_events
+from .events import Event, attempt_events, transition_events
 from .jobs import job_view
 from .observed import Blocked, Failure, JobView, Observed
 from .plan import Plan, plan, running_elsewhere
@@ -16,7 +16,7 @@ from .policy import (
 )
 
 __all__ = [
-    "OWNED_FIELDS", "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
+    "OWNED_FIELDS", "Blocked", "Event", "Failure", "attempt_events", "JobView", "Observed", "Plan", "check_kueue",
     "check_policy", "check_quota", "check_running_limit", "conditions", "derive_status", "is_terminal",
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",
     "transition_events",
