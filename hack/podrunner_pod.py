@@ -209,20 +209,6 @@ class PodWorker(threading.Thread):
             kill_marked(self.uid)
 
 
-def kill_marked(uid: str) -> None:
-    """SIGKILL every process of the pod, also those in their own session (torchrun's workers) or
-    orphaned by their parent, as a kubelet does by killing the container's cgroup."""
-    mark = f"{POD_MARK}={uid}".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if mark in f.read().split(b"\0"):
-                    os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            pass
-
     def _containers(self) -> list[dict]:
         spec = self.pod["spec"]
         return (spec.get("initContainers") or []) + spec.get("containers", [])
@@ -425,3 +411,18 @@ def kill_marked(uid: str) -> None:
         if self.init_statuses:
             status["initContainerStatuses"] = list(self.init_statuses.values())
         self.runner.patch_pod_status(self.ns, self.pod_name, status)
+
+
+def kill_marked(uid: str) -> None:
+    """SIGKILL every process of the pod, also those in their own session (torchrun's workers) or
+    orphaned by their parent, as a kubelet does by killing the container's cgroup."""
+    mark = f"{POD_MARK}={uid}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            pass
