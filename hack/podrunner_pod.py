@@ -208,7 +208,6 @@ class PodWorker(threading.Thread):
         if sig == signal.SIGKILL:
             kill_marked(self.uid)
 
-
     def _containers(self) -> list[dict]:
         spec = self.pod["spec"]
         return (spec.get("initContainers") or []) + spec.get("containers", [])
