@@ -12,6 +12,12 @@ The GPU machine has torch/transformers/peft/accelerate but no bitsandbytes. Carr
 
 `python bench/gpu_qlora.py --dry-run` runs the same code on a tiny config on the CPU (2 steps).
 MFU = 4 x params x tokens/s over a measured bf16 matmul peak (LoRA: forward 2N, backward 2N).
+
+`--memory` measures instead what bench/memory_bench.py measures on the CPU, for real sizes: peak
+GPU memory of one training step of a Llama-3.1-8B-shaped NF4 model (128k vocabulary) on one
+4096-token row, before (full fp32 logits, no gradient checkpointing) and after (chunked CE over
+the trained positions, non-reentrant gradient checkpointing), next to memory_bench's estimate
+and the guide's 24 GB. About 16 GB of disk for the random weights; a few minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from pathlib import Path
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
 
@@ -59,7 +67,8 @@ def build_model(cfg: dict, device: str, work: Path):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    path = work / ("llama-7b-random" if cfg is LLAMA_7B else "llama-tiny-random")
+    name = {id(LLAMA_7B): "llama-7b-random", id(LLAMA3_8B): "llama3-8b-random"}.get(id(cfg), "llama-tiny-random")
+    path = work / f"{name}-v{cfg['vocab_size']}"
     if not (path / "config.json").exists():
         config = LlamaConfig(**cfg, tie_word_embeddings=False)
         with torch.device(device):
@@ -133,6 +142,52 @@ def measure(model, batches, device: str, steps: int, warmup: int, padded: bool) 
     return {"useful_tokens_per_s": tokens / seconds, "peak_memory_bytes": peak}
 
 
+def memory_steps(model, device: str, tokens: int, vocab: int) -> dict:
+    """Peak memory of one forward+backward, before (full logits, no checkpointing) and after."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+    from lora_trainer.model import loss
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (1, tokens), generator=g).to(device)
+    inputs = {"input_ids": ids, "position_ids": torch.arange(tokens, device=device)[None], "use_cache": False}
+    out = {}
+    for variant in ("before", "after"):
+        if variant == "before":
+            model.base_model.model.gradient_checkpointing_disable()
+        else:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            ce = loss.full_ce(model, inputs, ids) if variant == "before" else loss.sum_ce(model, inputs, ids)
+        ce.backward()
+        model.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        out[variant] = {"peak_bytes": peak, "step_bytes_above_model": peak - held if peak else None,
+                        "loss": float(ce.detach()) / (tokens - 1)}
+        del ce
+    return out
+
+
+def run_memory(args, device: str) -> dict:
+    import memory_bench
+
+    cfg, tokens = (TINY, 128) if args.dry_run else (LLAMA3_8B, 4096)
+    model = build_model(cfg, device, args.work)
+    report = {"tokens": tokens, "vocab": cfg["vocab_size"], **memory_steps(model, device, tokens, cfg["vocab_size"])}
+    report["estimate"] = {"before": memory_bench.estimate_7b(tokens, chunked=False, checkpointing=False),
+                          "after": memory_bench.estimate_7b(tokens)}
+    report["guide_budget_bytes"] = memory_bench.GUIDE_BUDGET_BYTES
+    return report
+
+
 def padded_batches(seqs: list[list[int]], batch_size: int):
     """The HF-Trainer-style baseline: pad each batch to its longest example."""
     import torch
@@ -154,10 +209,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-qlora"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory", action="store_true", help="peak memory of one step, before/after (see above)")
     args = parser.parse_args()
+    import sys
+
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     device = "cpu" if args.dry_run else "cuda"
+    if args.memory:
+        args.work.mkdir(parents=True, exist_ok=True)
+        report = run_memory(args, device)
+        print(json.dumps(report, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+        return
     cfg, seq_len = (TINY, 128) if args.dry_run else (LLAMA_7B, args.seq_len)
     steps, warmup = (2, 1) if args.dry_run else (args.steps, 3)
     args.work.mkdir(parents=True, exist_ok=True)

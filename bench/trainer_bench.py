@@ -50,6 +50,7 @@ def setup(work: Path, n_train: int) -> dict:
     base = tiny.make_tiny_base(work / "base", hidden=256, layers=4, heads=4, vocab_size=512)
     data = work / "store" / "data"
     data.mkdir(parents=True, exist_ok=True)
+    (work / "store" / "out").mkdir(exist_ok=True)  # the output bucket must exist, as on S3
     write_data(data / "train.jsonl", n_train, SEED)
     write_data(data / "eval.jsonl", 48, SEED + 1)
     spec = {
@@ -125,7 +126,7 @@ def child_ours(work: Path, paths: dict) -> dict:
     store = LocalStore(work / "store" / "out")
     ref = ckpt.latest_complete(store, "bench")
     adapter = work / "ours-adapter"
-    ckpt.download(store, ref, adapter)
+    ckpt.fetch_verified(store, ref, adapter, ckpt.read_manifest(store, ref))
     return {"seconds": seconds, "rss_mb": rss, "useful_tokens": EPOCHS * sum(len(e) for e in examples),
             "padding": padding_fraction(rows, row_len),
             "heldout_loss": _adapter_loss(paths["base"], str(adapter / "adapter"), paths["eval"])}

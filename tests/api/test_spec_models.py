@@ -21,7 +21,9 @@ def test_should_fill_documented_defaults_when_only_required_fields_are_given():
     spec = parse_spec(minimal_spec())
     assert spec.quantization == "nf4" and spec.double_quant and spec.compute_dtype == "bfloat16"
     assert spec.lora.rank == 16 and spec.lora.effective_alpha == 32.0 and spec.lora.dropout == 0.05
-    assert spec.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert spec.lora.target_modules == ["all-linear"] and spec.attn_implementation == "auto"
+    assert spec.dataset.on_overlong == "drop" and spec.training.gradient_checkpointing is None
+    assert spec.output.vllm_max_lora_rank == 16 and spec.dataset.chat_template_kwargs == {}
     assert spec.dataset.eval_fraction == 0.1 and spec.dataset.packing and not spec.dataset.train_on_prompt
     assert spec.training.learning_rate == 2e-4 and spec.resources.gpus == 1 and spec.resources.nodes == 1
     assert spec.output.format == "adapter" and spec.suspend is False
@@ -92,3 +94,14 @@ def test_every_spec_field_has_a_description():
         if not field.description
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize("kwargs", [{"enable_thinking": {"nested": True}}, {f"k{i}": 1 for i in range(17)}])
+def test_should_refuse_chat_template_variables_that_are_not_a_few_scalars(kwargs):
+    with pytest.raises(SpecError, match="chatTemplateKwargs|chat_template_kwargs|chat template"):
+        parse_spec(minimal_spec(**{"dataset.chatTemplateKwargs": kwargs}))
+
+
+def test_should_accept_scalar_chat_template_variables():
+    spec = parse_spec(minimal_spec(**{"dataset.chatTemplateKwargs": {"enable_thinking": False}}))
+    assert spec.dataset.chat_template_kwargs == {"enable_thinking": False}

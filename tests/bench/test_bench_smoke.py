@@ -28,3 +28,24 @@ def test_gpu_script_dry_run_reports_both_recipes(tmp_path):
     report = json.loads(out.read_text())
     for recipe in ("ours_packed", "baseline_padded"):
         assert report[recipe]["useful_tokens_per_s"] > 0 and report[recipe]["mfu"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_memory_dry_run_reports_before_and_after(tmp_path):
+    out = tmp_path / "mem.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_qlora.py"), "--dry-run", "--memory", "--work",
+                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["before"]["loss"] == pytest.approx(report["after"]["loss"], rel=1e-3)
+    assert report["estimate"]["after"]["total_bytes"] < report["guide_budget_bytes"]
+
+
+def test_7b_estimate_fits_the_guide_only_with_chunked_ce_and_checkpointing():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_bench
+
+    before = memory_bench.estimate_7b(4096, chunked=False, checkpointing=False)
+    after = memory_bench.estimate_7b(4096)
+    assert before["total_bytes"] > memory_bench.GUIDE_BUDGET_BYTES > after["total_bytes"]
+    assert before["parts_bytes"]["logits"] > 6 * after["parts_bytes"]["logits"]

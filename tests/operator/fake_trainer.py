@@ -3,6 +3,7 @@
 Behaviour comes from annotations of the LoRATrainingJob (carried in the mounted config):
   fake-trainer/steps         optimizer steps (default 5), one every fake-trainer/step-seconds (0.2)
   fake-trainer/outcome       succeed | reject | fail-first-attempt (exit 3 on attempt 1) | crash (exit 1)
+                             | no-verdict (says Succeeded and exits 0 without evaluating: a stubbed evaluator)
 Writes <output>/progress.json and checkpoints/step-N/COMPLETE, resumes from the latest checkpoint,
 exits 143 after a "checkpoint" on SIGTERM, and writes a one-line JSON termination message.
 """
@@ -89,6 +90,9 @@ def main():
         if outcome == "fail-first-attempt" and attempt == 1 and step >= 2:
             write(state="Failed", error="injected failure")
             terminate({"state": "Failed", "error": "injected failure"}, 3)
+    if outcome == "no-verdict":
+        write(state="Succeeded")
+        terminate({"state": "Succeeded", "step": steps}, 0)
     write(state="Evaluating")
     passed = outcome != "reject"
     write(eval={"verdict": "Passed" if passed else "Failed",

@@ -127,3 +127,22 @@ def test_should_lock_down_the_pod(owner, make_spec):
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     secret_env = [e for e in container["env"] if "valueFrom" in e]
     assert {e["name"] for e in secret_env} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_should_mount_pvc_claims_read_write_for_the_output_and_read_only_for_inputs(owner, make_spec):
+    spec = make_spec(**{"output.uri": "pvc://results/run-1", "dataset.train": "pvc://datasets/t.jsonl",
+                        "dataset.eval": "pvc://results/heldout.jsonl"})
+    pod = _job(owner, spec)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: (v["name"], v["persistentVolumeClaim"]["readOnly"])
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"datasets": ("pvc-0", True), "results": ("pvc-1", False)}
+    container = pod["containers"][0]
+    mounts = {m["mountPath"]: (m["name"], m["readOnly"]) for m in container["volumeMounts"] if m["name"].startswith("pvc-")}
+    assert mounts == {"/mnt/pvc/datasets": ("pvc-0", True), "/mnt/pvc/results": ("pvc-1", False)}
+    assert {"name": "LORA_PVC_ROOT", "value": "/mnt/pvc"} in container["env"]
+
+
+def test_should_mount_no_claim_for_s3_only_specs(owner, make_spec):
+    pod = _job(owner, make_spec())["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert "LORA_PVC_ROOT" not in str(pod["containers"][0]["env"])

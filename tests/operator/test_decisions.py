@@ -35,6 +35,10 @@ POLICY_CASES = [
      {"image": "ghcr.io/ok/trainer:1.2"}, None),
     ("should check the default image when spec.image is empty", {"allowed_images": ("ghcr.io/ok/trainer:1",)},
      {}, "spec.image"),
+    ("should refuse a file:// output, which would vanish with the pod", {},
+     {"output.uri": "file:///tmp/out"}, "spec.output.uri"),
+    ("should refuse a file:// dataset and name the field", {}, {"dataset.train": "file:///data/t.jsonl"},
+     "spec.dataset.train"),
 ]
 
 

@@ -192,6 +192,17 @@ def test_should_end_rejected_when_the_gate_refuses_the_adapter(cluster, namespac
     cluster.kubectl("wait", "-n", namespace, "--for=condition=Stalled", "--timeout=5s", "ltj/demo")
 
 
+def test_should_fail_not_succeed_when_the_trainer_finished_without_a_verdict(namespace, api, storage,
+                                                                            operator_factory):
+    operator_factory()
+    apply(api, namespace, storage, annotations={"fake-trainer/outcome": "no-verdict", "fake-trainer/steps": "2"})
+    status = wait_phase(api, namespace, "Failed")
+    got = conditions(status)
+    assert got["Succeeded"] == ("False", "NothingPublished") and got["Failed"] == ("True", "NothingPublished")
+    assert got["Ready"][0] == "False" and got["Evaluated"] == ("False", "PendingEvaluation")
+    assert len(status["attempts"]) == 1, "a trainer that exited 0 is not retried"
+
+
 def test_should_start_a_new_attempt_when_the_trainer_fails(namespace, api, storage, operator_factory):
     operator_factory()
     apply(api, namespace, storage, annotations={"fake-trainer/outcome": "fail-first-attempt",

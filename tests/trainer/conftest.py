@@ -46,6 +46,7 @@ def make_job(tmp_path, tiny_base):
     def make(n_train: int = 24, manifest: bool = True, **over):
         store = tmp_path / "store"
         tiny.make_chat_jsonl(store / "data" / "train.jsonl", n_train, seed=1)
+        (store / "out").mkdir(exist_ok=True)  # the output bucket (a missing one fails the preflight)
         spec = job_spec(tiny_base, **over)
         doc = ({"apiVersion": "training.lora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": "t", "namespace": "ns"}, "spec": spec} if manifest else spec)

@@ -102,21 +102,20 @@ def test_every_rank_restores_its_own_rng_state_and_a_missing_one_says_so(tmp_pat
 
     import torch
 
-    states = []
-    for seed in (1, 2):  # rank 0 and rank 1 draw from different streams
-        torch.manual_seed(seed)
-        random.seed(seed)
-        states.append(ckpt.rng_state())
-    for rank, state in enumerate(states):
-        torch.save(state, tmp_path / ckpt.rng_file(rank))
-    draws = []
-    for rank in (0, 1):
+    states = {}
+    for rank in (1, 2):  # rank 0's rng.pt is restored by load_local with the rest
+        torch.manual_seed(rank)
+        random.seed(rank)
+        states[rank] = ckpt.rng_state()
+        torch.save(states[rank], tmp_path / ckpt.rng_file(rank))
+    draws = {}
+    for rank in (1, 2):
         torch.manual_seed(99)
         assert ckpt.restore_rng(tmp_path, rank)
-        draws.append((torch.rand(3).tolist(), random.random()))
+        draws[rank] = (torch.rand(3).tolist(), random.random())
     torch.manual_seed(2)
     random.seed(2)
-    assert draws[1] == (torch.rand(3).tolist(), random.random()), "rank 1 got someone else's stream"
-    assert draws[0] != draws[1]
-    assert (tmp_path / "rng.pt").exists(), "rank 0 keeps the single-process file name"
-    assert ckpt.restore_rng(tmp_path, 2) is False, "a checkpoint of two ranks has no state for rank 2"
+    assert draws[2] == (torch.rand(3).tolist(), random.random()), "rank 2 got someone else's stream"
+    assert draws[1] != draws[2]
+    assert ckpt.rng_file(0) == "rng.pt", "rank 0 keeps the single-process file name"
+    assert ckpt.restore_rng(tmp_path, 3) is False, "a checkpoint of three ranks has no state for rank 3"

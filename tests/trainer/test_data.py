@@ -7,17 +7,8 @@ import json
 import pytest
 import tiny
 
-from lora_trainer.data.records import (
-    IGNORE,
-    DataError,
-    Example,
-    encode_chat,
-    encode_completion,
-    p95_length,
-    read_jsonl,
-    split_records,
-    truncate,
-)
+from lora_trainer.data.encoding import encode_completion
+from lora_trainer.data.records import IGNORE, DataError, encode_chat, read_jsonl, read_jsonl_lines, split_records
 
 CONVO = [
     {"role": "system", "content": "Be brief."},
@@ -30,7 +21,7 @@ CONVO = [
 
 def test_chat_mask_covers_exactly_the_assistant_turns_token_by_token(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = encode_chat(tok, CONVO)
+    [ex] = encode_chat(tok, CONVO)
     pieces = [tok.decode([i]) for i in ex.ids]
     trained = "".join(p for p, lab in zip(pieces, ex.labels) if lab != IGNORE)
     assert trained == "Sure, badge 7 reset.<|im_end|>\nPrinter restarted. Done.<|im_end|>\n"
@@ -42,7 +33,7 @@ def test_chat_mask_covers_exactly_the_assistant_turns_token_by_token(tiny_tokeni
 
 
 def test_train_on_prompt_trains_everything_but_the_first_token(tiny_tokenizer):
-    ex = encode_chat(tiny_tokenizer, CONVO, train_on_prompt=True)
+    [ex] = encode_chat(tiny_tokenizer, CONVO, train_on_prompt=True)
     assert ex.labels[0] == IGNORE and ex.labels[1:] == ex.ids[1:]
 
 
@@ -99,11 +90,15 @@ def test_skip_counts_bad_lines(tmp_path):
     assert (len(records), skipped) == (5, len(BAD))
 
 
-def test_p95_length_and_truncation_count():
-    exs = [Example([1] * n, [1] * n) for n in range(1, 101)]
-    assert p95_length(exs) == 95
-    cut, n = truncate(exs, 95)
-    assert n == 5 and max(len(e) for e in cut) == 95
+def test_skip_keeps_the_line_numbers_of_good_records_and_survives_deep_nesting(tmp_path):
+    path = tiny.make_chat_jsonl(tmp_path / "d.jsonl", 3)
+    lines = path.read_text().splitlines()
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text("\n".join([lines[0], deep, "", lines[1], lines[2]]) + "\n")
+    records, numbers, skipped = read_jsonl_lines(path, "chat", on_invalid="skip")
+    assert (numbers, skipped) == ([1, 4, 5], 1)
+    with pytest.raises(DataError, match=r"d.jsonl:2: JSON nested too deeply"):
+        read_jsonl(path, "chat")
 
 
 def test_split_is_deterministic_and_disjoint():

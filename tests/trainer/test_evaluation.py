@@ -125,8 +125,8 @@ def test_adapter_that_learned_the_greeting_passes_the_gate(report):
 def test_base_and_adapter_are_scored_on_the_same_assistant_tokens(report, w):
     from lora_trainer.data.records import IGNORE, encode_chat
 
-    assistant_tokens = sum(sum(1 for x in encode_chat(w["tokenizer"], r["messages"]).labels if x != IGNORE)
-                           for r in w["records"])
+    assistant_tokens = sum(sum(1 for x in ex.labels if x != IGNORE)
+                           for r in w["records"] for ex in encode_chat(w["tokenizer"], r["messages"]))
     assert report.base.tokens == report.adapter.tokens == assistant_tokens
     assert report.adapter.perplexity == pytest.approx(math.exp(report.adapter.loss))
 

@@ -57,7 +57,7 @@ def train_adapter(base_dir: Path, dest: Path, steps: int = 40, lr: float = 2e-2)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS,
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
-    data = [encode_chat(tok, r["messages"]) for r in support_records(64, seed=1)]
+    data = [ex for r in support_records(64, seed=1) for ex in encode_chat(tok, r["messages"])]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(0)
     for _ in range(steps):

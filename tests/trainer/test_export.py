@@ -1,4 +1,5 @@
-"""Publishing: only gated adapters, PEFT/vLLM-loadable, verified merge, metadata last (CPU, tiny)."""
+"""Publishing: only gated adapters, PEFT/vLLM-loadable, verified merge, a release folder and the
+metadata pointer last (CPU, tiny)."""
 
 from __future__ import annotations
 
@@ -53,21 +54,27 @@ def _out(w) -> Path:
     return w["root"] / "out"
 
 
+def _release(w) -> Path:
+    """The folder lora-metadata.json points at."""
+    return _out(w) / "published" / json.loads((_out(w) / "lora-metadata.json").read_text())["release"]
+
+
 def test_passing_job_publishes_adapter_merged_eval_and_metadata(published, w):
     _, _, store, key, uris = published
-    out = _out(w)
-    assert uris == {"adapter": f"file://{out}/adapter", "merged": f"file://{out}/merged",
-                    "eval": f"file://{out}/eval.json", "metadata": f"file://{out}/lora-metadata.json"}
+    out, release = _out(w), _release(w)
+    assert release.name.startswith("run1-")
+    assert uris == {"adapter": f"file://{release}/adapter", "merged": f"file://{release}/merged",
+                    "eval": f"file://{release}/eval.json", "metadata": f"file://{out}/lora-metadata.json"}
     for rel in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
                 "adapter/chat_template.jinja", "merged/config.json", "merged/model.safetensors",
-                "merged/tokenizer.json", "eval.json", "lora-metadata.json"):
-        assert (out / rel).is_file(), rel
-    assert not store.list(storage.join(key, ".staging")), "staging is cleaned up"
+                "merged/tokenizer.json", "eval.json"):
+        assert (release / rel).is_file(), rel
+    assert sorted(p.name for p in out.iterdir()) == ["lora-metadata.json", "published"]
 
 
-def test_adapter_config_is_pure_lora_pointing_at_the_base_uri(published, w):
-    config = json.loads((_out(w) / "adapter/adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == published[0].base_model.uri
+def test_adapter_config_is_pure_lora_pointing_at_a_loadable_base(published, w):
+    config = json.loads((_release(w) / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(w["base"])  # file:// -> its path, loadable as is
     assert not config.get("modules_to_save")
     assert config["r"] == world.RANK and config["lora_alpha"] == world.ALPHA and config["peft_type"] == "LORA"
 
@@ -84,11 +91,20 @@ def test_metadata_records_provenance_and_lists_every_file(published, w):
     assert meta["spec"]["training"]["learningRate"] == spec.training.learning_rate  # resolved defaults
     assert meta["eval"]["gate"]["verdict"] == "Passed" and meta["eval"]["merged"]["maxAbsLogitDiff"] <= 1e-3
     assert meta["chatTemplateSha256"].startswith("sha256:") and meta["trainerVersion"]
+    import peft
+    import transformers
+
+    assert meta["libraries"]["peft"] == peft.__version__
+    assert meta["libraries"]["transformers"] == transformers.__version__
+    assert set(meta["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    assert meta["vllm"] == {"maxLoraRank": 16, "problems": []}
     assert meta["timestamps"]["startedAt"] == "2026-01-01T00:00:00Z" and meta["timestamps"]["publishedAt"]
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"lora-metadata.json"}
+    release = _release(w)
+    on_disk = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
     assert set(meta["files"]) == on_disk
     assert meta["files"]["adapter/adapter_model.safetensors"] == \
-        "sha256:" + storage.file_sha256(out / "adapter/adapter_model.safetensors")
+        "sha256:" + storage.file_sha256(release / "adapter/adapter_model.safetensors")
+    assert meta["job"] == {"namespace": "", "name": "local", "uid": ""} and "fingerprint" in meta
 
 
 def test_published_adapter_loads_with_plain_peft_and_gives_the_trainer_logits(published, w, tmp_path):
@@ -96,7 +112,7 @@ def test_published_adapter_loads_with_plain_peft_and_gives_the_trainer_logits(pu
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec, _, store, key, _ = published
-    storage.download_prefix(store, storage.join(key, "adapter"), tmp_path / "adapter")
+    storage.download_prefix(store, storage.join(key, "published", _release(w).name, "adapter"), tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     trainer = load_adapted(spec, w["base"], w["adapter"], torch.device("cpu"))
@@ -117,7 +133,7 @@ def test_merged_model_matches_base_plus_adapter(published, w):
     assert report.merged["maxAbsLogitDiff"] <= 1e-3
     assert report.merged["evalLoss"] == pytest.approx(report.adapter.loss, abs=1e-4)
     assert report.merged["gate"]["passed"]
-    merged = AutoModelForCausalLM.from_pretrained(str(_out(w) / "merged"), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(_release(w) / "merged"), dtype=torch.float32)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(w["base"]), dtype=torch.float32),
                                     str(w["adapter"]))
@@ -160,14 +176,36 @@ def test_adapter_with_modules_to_save_is_refused(passing, w, tmp_path):
         write_adapter(spec, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
 
 
-def test_rank_above_vllm_limit_is_published_with_a_warning(passing, w, tmp_path):
+def test_rank_above_the_servers_max_lora_rank_is_published_with_a_warning(passing, w, tmp_path):
     spec, _ = passing
-    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 600, "alpha": 16.0})})
+    big = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": 32, "alpha": 16.0})})
     shutil.copytree(w["adapter"], tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt/adapter_config.json").read_text())
-    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 600}))
+    (tmp_path / "ckpt/adapter_config.json").write_text(json.dumps({**config, "r": 32}))
     _, warnings = write_adapter(big, tmp_path / "ckpt", w["tokenizer"], tmp_path / "adapter")
-    assert warnings and "vLLM cannot serve" in warnings[0]
+    assert warnings == ["rank 32 > the server's --max-lora-rank 16 (output.vllmMaxLoraRank): vLLM refuses "
+                        "to load this adapter"]
+
+
+def test_vllm_check_reports_every_incompatibility():
+    from lora_trainer.export import vllm_problems
+
+    config = {"r": 600, "use_dora": True, "bias": "all", "modules_to_save": ["score"],
+              "target_modules": ["q_proj", "embed_tokens", "lm_head"]}
+    problems = vllm_problems(config, 64)
+    assert len(problems) == 6, problems
+    assert any("embed_tokens, lm_head" in p for p in problems)
+    assert vllm_problems({"r": 16, "target_modules": "all-linear"}, 16) == []
+
+
+@pytest.mark.parametrize("uri,name", [("hf://meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+                                      ("file:///models/qwen", "/models/qwen"),
+                                      ("s3://models/base/qwen2.5-7b-instruct/", "qwen2.5-7b-instruct"),
+                                      ("pvc://models/llama", "llama")])
+def test_base_model_name_is_loadable_not_a_storage_uri(uri, name):
+    from lora_trainer.export import loadable_base_name
+
+    assert loadable_base_name(uri) == name
 
 
 def test_rejected_job_publishes_nothing(w, tmp_path):
@@ -184,8 +222,8 @@ def test_rejected_job_publishes_nothing(w, tmp_path):
 
 
 class FlakyStore:
-    """An outage from the nth write (put_file or copy) on: every write from then on fails for good,
-    as RetryingStore does when its attempts are spent."""
+    """An outage: every write from the nth put_file on fails for good (as RetryingStore does when
+    its budget is spent); with fail_on=0 only the metadata pointer's write fails."""
 
     def __init__(self, inner, fail_on: int):
         self.inner, self.fail_on, self.writes = inner, fail_on, 0
@@ -195,7 +233,8 @@ class FlakyStore:
 
     def _write(self, op: str, *args):
         self.writes += 1
-        if self.writes >= self.fail_on:
+        if (self.fail_on and self.writes >= self.fail_on) or (not self.fail_on and args[0].endswith(
+                "lora-metadata.json")):
             raise storage.StorageError(f"{op} {args[0]} failed after 5 attempts: ConnectionError")
         return getattr(self.inner, op)(*args)
 
@@ -205,26 +244,42 @@ class FlakyStore:
     def copy(self, src_key, dst_key):
         return self._write("copy", src_key, dst_key)
 
+    def put_bytes(self, key, data):
+        return self._write("put_bytes", key, data)
 
-@pytest.mark.parametrize("fail_on,previous_survives", [(2, True), (9, False)],
-                         ids=["should keep the previous set when the staging upload fails",
-                              "should leave no metadata when the promotion fails"])
-def test_failed_upload_leaves_no_half_artifact_that_looks_complete(passing, w, tmp_path, fail_on, previous_survives):
+
+@pytest.mark.parametrize("fail_on", [2, 0], ids=["should keep the previous set when the release upload fails",
+                                                 "should keep the previous set when the pointer write fails"])
+def test_failed_upload_leaves_the_previous_complete_set_published(passing, w, tmp_path, fail_on):
     spec = world.make_spec(tmp_path, fmt="adapter")
     _, report = passing
     store, key = storage.open_uri(spec.output.uri)
     args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
     publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="old")
-    old_meta = store.get_bytes(storage.join(key, "lora-metadata.json"))
-    flaky = FlakyStore(store, fail_on)  # 6 files per set: the 2nd write stages, the 9th promotes
+    meta_key = storage.join(key, "lora-metadata.json")
+    old_meta = store.get_bytes(meta_key)
+    flaky = FlakyStore(store, fail_on)
     with pytest.raises(storage.StorageError):
         publish(spec, flaky, *args[2:], eval_records=w["records"], work_dir=tmp_path / "work", run_id="new")
-    meta_key = storage.join(key, "lora-metadata.json")
-    if previous_survives:
-        assert store.get_bytes(meta_key) == old_meta
-        assert store.exists(storage.join(key, "adapter/adapter_model.safetensors"))
-    else:
-        assert not store.exists(meta_key)
+    assert store.get_bytes(meta_key) == old_meta
+    for rel in json.loads(old_meta)["files"]:
+        assert store.exists(storage.join(key, "published", json.loads(old_meta)["release"], rel)), rel
+    publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", run_id="again")
+    releases = {k.split("/published/")[1].split("/")[0] for k in store.list(storage.join(key, "published"))}
+    assert len(releases) == 2, "the half-uploaded release is collected; the previous one is kept for readers"
+
+
+def test_publishing_over_another_jobs_set_is_refused(passing, w, tmp_path):
+    from lora_trainer.io.identity import ForeignPrefix, JobIdentity
+
+    spec = world.make_spec(tmp_path, fmt="adapter")
+    _, report = passing
+    store, key = storage.open_uri(spec.output.uri)
+    args = (spec, store, key, w["base"], w["adapter"], report, w["tokenizer"])
+    publish(*args, eval_records=w["records"], work_dir=tmp_path / "work", identity=JobIdentity("ns", "a", "1", "sha256:x"))
+    with pytest.raises(ForeignPrefix, match="job ns/a"):
+        publish(*args, eval_records=w["records"], work_dir=tmp_path / "work",
+                identity=JobIdentity("ns", "b", "2", "sha256:y"))
 
 
 def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp_path):
@@ -241,6 +296,11 @@ def test_qlora_adapter_is_merged_into_and_verified_against_the_16bit_base(w, tmp
     assert merged["maxAbsLogitDiff"] <= 1e-3
     assert merged["evalLoss"] != report.adapter.loss  # NF4 error is real, hence the 16-bit reload
     assert merged["evalLoss"] == pytest.approx(report.adapter.loss, rel=0.2)
+    # The gate compares the merged model with the 16-bit base it was merged into, not the NF4 base.
+    assert merged["baseEvalLoss"] != report.base.loss
+    assert merged["baseEvalLoss"] == pytest.approx(report.base.loss, rel=0.2)
+    [loss_row] = [r for r in merged["gate"]["results"] if r["name"] == "evalLoss"]
+    assert loss_row["base"] == merged["baseEvalLoss"] and loss_row["adapter"] == merged["evalLoss"]
     meta = json.loads(store.get_bytes(storage.join(key, "lora-metadata.json")))
     assert meta["quantization"] == "nf4" and meta["eval"]["merged"]["gate"]["passed"]
 

@@ -45,10 +45,11 @@ def test_best_fit_decreasing_fills_rows_and_keeps_every_example():
 
 def test_padding_fraction_is_small_on_chat_data(tiny_tokenizer):
     exs = encode_all(tiny_tokenizer, tiny.chat_examples(200, seed=2), "chat", False)
-    from lora_trainer.data.records import p95_length, truncate
+    from lora_trainer.data.encoding import fit, p95_length
 
     max_len = p95_length(exs)
-    rows, row_len = make_rows(truncate(exs, max_len)[0], max_len, packing=True)
+    rows, row_len = make_rows(fit(exs, max_len).kept, max_len, packing=True)
+    assert row_len == max_len  # a packed row holds up to maxSeqLength tokens
     frac = padding_fraction(rows, row_len)
     print(f"padding fraction {frac:.2%} ({len(rows)} rows of {row_len})")
     assert frac < 0.05
@@ -72,3 +73,11 @@ def test_schedule_covers_each_row_once_per_epoch_and_is_replayable(world):
                 seen += micro
     assert set(seen) == set(range(11))
     assert s.micro_batches(1, 0, 0) == s.micro_batches(1, 0, 0) != s.micro_batches(0, 0, 0)
+
+
+def test_rows_hold_max_seq_length_tokens_so_steps_per_epoch_count_examples_as_users_expect():
+    # 360 examples of the longest allowed length at batchSize 4: 90 steps an epoch, as TRL/Axolotl give.
+    exs = [Example(list(range(100)), list(range(100))) for _ in range(360)]
+    rows, row_len = make_rows(exs, 100, packing=True)
+    assert row_len == 100 and len(rows) == 360
+    assert Schedule(len(rows), batch_size=4, accum=1).steps_per_epoch == 90

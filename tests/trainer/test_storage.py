@@ -90,6 +90,7 @@ def test_not_found_is_an_answer_not_retried(tmp_path):
 
 def test_uris_map_to_local_directories(tmp_path, monkeypatch):
     monkeypatch.delenv("S3_ENDPOINT", raising=False)
+    (tmp_path / "bucket").mkdir()  # a bucket stand-in must exist, as the bucket must on S3
     store, key = storage.open_uri("s3://bucket/a/b.jsonl", storage_dir=tmp_path)
     store.put_bytes(key, b"x")
     assert (tmp_path / "bucket" / "a" / "b.jsonl").read_bytes() == b"x" and key == "a/b.jsonl"
@@ -131,3 +132,43 @@ def test_fingerprint_covers_names_and_contents(tmp_path):
     assert fp.startswith("sha256:") and len(fp) == 71
     (tmp_path / "m" / "a").rename(tmp_path / "m" / "b")
     assert storage.fingerprint_dir(tmp_path / "m") != fp
+
+
+def test_retries_stop_when_the_time_budget_is_spent(tmp_path):
+    now = [0.0]
+    sleeps = []
+
+    def sleep(s):
+        sleeps.append(s)
+        now[0] += s
+
+    flaky = Flaky(LocalStore(tmp_path, uri_base="s3://b"), "put_bytes", failures=99)
+    store = RetryingStore(flaky, attempts=100, base_delay=1.0, max_delay=30.0, budget_s=120.0,
+                          sleep=sleep, clock=lambda: now[0])
+    with pytest.raises(StorageError, match="failed after 8 attempts"):
+        store.put_bytes("k", b"v")
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0] and sum(sleeps) <= 120.0
+
+
+def test_permanent_refusals_are_not_retried(tmp_path):
+    class NoBucket(Exception):
+        code = "NoSuchBucket"
+
+    class Refusing:
+        def describe(self, key):
+            return f"s3://gone/{key}"
+
+        def put_bytes(self, key, data):
+            raise NoBucket("The specified bucket does not exist")
+
+    sleeps = []
+    with pytest.raises(StorageError, match="put_bytes s3://gone/k permanent: NoBucket"):
+        RetryingStore(Refusing(), sleep=sleeps.append).put_bytes("k", b"v")
+    assert sleeps == []
+
+
+def test_a_storage_dir_bucket_must_exist_like_an_s3_bucket(tmp_path):
+    store, key = storage.open_uri("s3://missing/job/x", storage_dir=tmp_path)
+    with pytest.raises(StorageError, match="permanent: BucketMissing: NoSuchBucket: s3://missing"):
+        store.put_bytes(key, b"v")
+    assert not (tmp_path / "missing").exists()

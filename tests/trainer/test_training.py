@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from lora_trainer.__main__ import run_job
 from lora_trainer.config import PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_chat_losses.json"
-# 48 examples -> 43 train rows of up to 4 x maxSeqLength tokens, batch 1: a dozen steps/epoch.
-GOLDEN_JOB = {"training.batchSize": 1, "training.epochs": 2, "training.checkpointEverySteps": 4,
+# 48 examples -> 43 train examples packed into rows of up to maxSeqLength tokens, 4 rows per step:
+# about a dozen steps/epoch.
+GOLDEN_JOB = {"training.batchSize": 4, "training.epochs": 2, "training.checkpointEverySteps": 4,
               "training.evalEverySteps": 4}
 TOL = 1e-4
 
@@ -150,9 +152,13 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(make_job, tmp
     cfg, store = make_job(n_train=24, **over, **{"training.batchSize": 2})
     assert _in_process(cfg, store, tmp_path / "one") == 0
     single = _history(store)
+    store.rename(tmp_path / "store1")  # a separate prefix: this is another job's output
     cfg, store2 = make_job(n_train=24, **over, **{"training.batchSize": 1})
     store2 = store2.rename(tmp_path / "store2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577", "-m", "lora_trainer",
+    with socket.socket() as sock:  # a free port: other sessions may run this test at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "lora_trainer",
            "train", str(cfg), "--storage-dir", str(store2), "--work-dir", str(tmp_path / "w2")]
     proc = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,8 +173,9 @@ def test_run_trains_evaluates_and_publishes(make_job, tmp_path):
     assert _in_process(cfg, store, tmp_path, stages=("train", "evaluate", "export")) == 0
     progress = _progress(store)
     assert progress["state"] == "Succeeded" and progress["eval"]["verdict"] == "Passed"
-    assert progress["artifacts"]["adapter"] == "s3://out/job/adapter"
-    assert (store / "out" / "job" / "lora-metadata.json").exists()
+    assert progress["artifacts"]["adapter"].startswith("s3://out/job/published/t-a1-")
+    meta = json.loads((store / "out" / "job" / "lora-metadata.json").read_text())
+    assert meta["artifacts"] == progress["artifacts"] and meta["job"]["name"] == "t"
     assert json.loads((tmp_path / "termination-log").read_text())["state"] == "Succeeded"
 
 

@@ -1,10 +1,13 @@
-"""`lora-trainer`: run | train | evaluate | export CONFIG, and fingerprint PATH_OR_URI.
+"""`lora-trainer`: run | train | evaluate | export | inspect CONFIG, and fingerprint PATH_OR_URI.
 
 This module only parses arguments and maps exceptions to exit codes; the run order is `run.py`.
 
 Exit codes: 0 done (Succeeded, or Rejected by the gate); 1 unexpected failure; 2 invalid input
-(spec, data, unpinned or mismatching base; retrying cannot help); 143 preempted by SIGTERM after a
-checkpoint (the next attempt resumes).
+(spec, data, unpinned or mismatching base, an output prefix of another job, storage the preflight
+found unusable, a key that escapes its store; retrying cannot help); 4 diverged (a non-finite loss:
+the same spec diverges again); 143 preempted by SIGTERM (during training after a checkpoint; during
+evaluation or export at once, the published set unchanged): the next attempt resumes from the
+checkpoint, without retraining when training was done.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from collections.abc import Set as AbstractSet
 
 from lora_operator.api import SpecError
 
-from .config import DATA_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
+from .config import DATA_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, RuntimeConfig, load_job
 from .io.storage import fingerprint_uri
-from .recipe import Preempted
-from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, run, run_after_training
+from .recipe import Diverged, Preempted
+from .run import INVALID_INPUT, KNOWN_FAILURES, RUN, TRAIN, error_message, inspect_job, run, run_after_training
 
 log = logging.getLogger("lora_trainer")
 
@@ -36,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
         _runtime_flags(s)
+    i = sub.add_parser("inspect", help="show how each example will be trained (trained tokens marked)")
+    i.add_argument("config", help="LoRATrainingJob manifest or bare spec (YAML)")
+    i.add_argument("--limit", type=int, default=None, help="print at most N examples (the summary counts all)")
+    i.add_argument("--json", action="store_true", help="one JSON object per example, then a summary")
+    _runtime_flags(i)
     f = sub.add_parser("fingerprint", help="print sha256:<hex> of a model directory or URI")
     f.add_argument("path", help="local path, file://, pvc:// or s3:// URI")
     _runtime_flags(f)
@@ -95,7 +103,19 @@ def exit_code(exc: Exception) -> int:
     if not isinstance(exc, KNOWN_FAILURES):
         log.error("trainer failed", exc_info=exc)
     log.error("%s", error_message(exc))
+    if isinstance(exc, Diverged):
+        return DIVERGED_EXIT_CODE
     return DATA_ERROR_EXIT_CODE if isinstance(exc, INVALID_INPUT) else 1
+
+
+def inspect(job, rt: RuntimeConfig, limit, as_json: bool) -> int:
+    """`inspect`: the prepare stage alone, printed; invalid data exits 2 as in training."""
+    try:
+        inspect_job(job, rt, limit=limit, as_json=as_json)
+    except Exception as exc:
+        print(f"lora-trainer: {error_message(exc)}", file=sys.stderr)
+        return exit_code(exc)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return DATA_ERROR_EXIT_CODE
     if args.command in ("evaluate", "export"):
         return after_training(args.command, job, rt)
+    if args.command == "inspect":
+        return inspect(job, rt, args.limit, args.json)
     return run_job({"run": RUN, "train": TRAIN}[args.command], job, rt)
 
 

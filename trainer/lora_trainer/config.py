@@ -16,6 +16,7 @@ from lora_operator.api import KIND, LoRATrainingJobSpec, SpecError, parse_manife
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped, not done; resume me"
 DATA_ERROR_EXIT_CODE = 2
+DIVERGED_EXIT_CODE = 4  # a non-finite loss: the same spec diverges again, so no blind retry
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Job:
     spec: LoRATrainingJobSpec
     name: str = "local"
     namespace: str = "default"
+    uid: str = ""  # metadata.uid when run by the operator; recorded in the job identity
 
 
 def load_job(path: Path | str) -> Job:
@@ -37,7 +39,8 @@ def load_job(path: Path | str) -> Job:
         raise SpecError("config", f"{path} is not a YAML mapping")
     if obj.get("kind") == KIND:
         meta = obj.get("metadata") or {}
-        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"))
+        return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"),
+                   str(meta.get("uid") or ""))
     return Job(parse_spec(obj))
 
 
@@ -72,10 +75,12 @@ class RuntimeConfig:
     "Force the progress bar on/off; default: on when stderr is a TTY."
     collective_timeout_s: Optional[float] = None
     "Seconds a rank waits in one collective before failing (env LORA_COLLECTIVE_TIMEOUT_S); unset: 30 min."
-    retry_attempts: int = 5
-    "Attempts per storage call before the job fails."
+    retry_attempts: int = 30
+    "Attempts per storage call at most (within retry_budget_s)."
     retry_base_delay_s: float = 0.5
-    "First backoff delay; doubles per attempt, capped at 8 s."
+    "First backoff delay; doubles per attempt, capped at 30 s."
+    retry_budget_s: float = 300.0
+    "Total seconds one storage call may spend retrying before the job fails (env LORA_STORAGE_RETRY_BUDGET_S)."
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir)
@@ -85,6 +90,8 @@ class RuntimeConfig:
             raise ValueError("progress_interval_s must be >= 0")
         if self.retry_attempts < 1:
             raise ValueError("retry_attempts must be >= 1")
+        if self.retry_budget_s < 0:
+            raise ValueError("retry_budget_s must be >= 0")
 
     @classmethod
     def from_env(cls, **overrides) -> RuntimeConfig:
@@ -99,6 +106,7 @@ class RuntimeConfig:
             "attempt": os.environ.get("LORA_ATTEMPT"),
             "work_dir": os.environ.get("LORA_WORK_DIR"),
             "storage_dir": os.environ.get("LORA_STORAGE_DIR"),
+            "retry_budget_s": _env_float("LORA_STORAGE_RETRY_BUDGET_S", None),
         }
         values = {k: v for k, v in env.items() if v not in (None, "")}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -113,4 +121,5 @@ class RuntimeConfig:
         """Keyword arguments for `storage.open_uri`."""
         endpoint = self.s3_endpoint or (job.spec.storage.endpoint if job else None)
         return {"storage_dir": self.storage_dir, "s3_endpoint": endpoint, "pvc_root": self.pvc_root,
-                "retry_attempts": self.retry_attempts, "retry_base_delay_s": self.retry_base_delay_s}
+                "retry_attempts": self.retry_attempts, "retry_base_delay_s": self.retry_base_delay_s,
+                "retry_budget_s": self.retry_budget_s}

@@ -1,5 +1,5 @@
-"""Publishing an adapter that passed the gate: `adapter/`, `merged/`, `eval.json` and, last,
-`lora-metadata.json` under spec.output.uri.
+"""Publishing an adapter that passed the gate: `published/<release>/{adapter,merged,eval.json}` and,
+last, `lora-metadata.json` (the pointer to that release) under spec.output.uri.
 
 Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the gate):
 
@@ -8,10 +8,11 @@ Entry point (`run.export` calls it after `evaluation.scoring.evaluate` and the g
     # -> {"adapter": uri, "merged": uri | None, "eval": uri, "metadata": uri}
     # raises GateRejected (nothing published), MergeMismatch or ExportError (nothing complete).
 
-Atomicity for readers. Everything is built locally, uploaded to `<output>/.staging/<run-id>/`, and
-only then promoted: the old `lora-metadata.json` is deleted first, the old `adapter/` and `merged/`
-replaced, and the new metadata written last. So a failed upload leaves the previously published
-set untouched, a failed promotion leaves no metadata, and a prefix with metadata is complete.
+Atomicity for readers (release.py). Everything is built locally, uploaded to a folder of its own,
+`published/<release>/`, and only then does `lora-metadata.json` (one PUT) point at it. So a reader
+sees the previous complete set or the new one, never a partial set next to metadata; a crash or
+SIGTERM before the PUT leaves the previous set published. The metadata records the job identity,
+the checkpoint step and its held-out loss; a publish over another job's set is refused.
 
 The merged model. QLoRA trains against NF4 weights, but `merged/` must be a plain 16-bit model:
 the base is reloaded in 16-bit (float32 on CPU), never the quantized one (merging into NF4 would
@@ -19,7 +20,8 @@ bake the quantization error into every weight, and dequantize-merge-requantize l
 Hence the merge is verified against the 16-bit base + the *checkpoint's* adapter, unmerged: their
 logits on a few held-out samples must agree within MERGE_TOLERANCE for the dtype, else the export
 fails with the measured difference (`merge_tolerance`). The held-out loss is then recomputed on the merged model and
-the gate's loss thresholds re-applied to it, because the artifact that ships is the one evaluated.
+the gate's loss thresholds re-applied to it against the 16-bit base's loss on the same examples (the base it was
+merged into, not the NF4 one training saw), because the artifact that ships is the one evaluated.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ import torch
 
 from .evaluation.gate import apply_gate
 from .evaluation.scoring import EvalReport, encode_records, eval_device, heldout_loss, pad_token_id
-from .io import storage
-from .io.metadata import FILENAME as METADATA
+from .io import release, storage, strictjson
 from .io.metadata import build_metadata
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 MERGE_TOLERANCE = {"float32": (1e-3, 1e-5), "bfloat16": (0.0, 0.05), "float16": (0.0, 0.01)}
 MERGE_SAMPLES = 4
 MERGE_PROBE_TOKENS = 256  # per sample: enough to exercise every layer, bounded logits memory
-VLLM_MAX_LORA_RANK = 512
+VLLM_MAX_LORA_RANK = 512  # the largest --max-lora-rank vLLM accepts
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "output")
 
 
 class ExportError(RuntimeError):
@@ -95,10 +97,10 @@ def write_adapter(spec, adapter_dir: Path, tokenizer, dest: Path) -> tuple[dict,
                           f" the spec says rank={rank} alpha={alpha:g}")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ExportError(f"{adapter_dir} has no adapter_model.safetensors")
-    warnings = _vllm_warnings(config)
+    warnings = vllm_problems(config, spec.output.vllm_max_lora_rank)
     for warning in warnings:
         log.warning(warning)
-    config.update(base_model_name_or_path=spec.base_model.uri, inference_mode=True)
+    config.update(base_model_name_or_path=loadable_base_name(spec.base_model.uri), inference_mode=True)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(dest))
     shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
@@ -106,16 +108,44 @@ def write_adapter(spec, adapter_dir: Path, tokenizer, dest: Path) -> tuple[dict,
     return config, warnings
 
 
-def _vllm_warnings(config: dict) -> list[str]:
-    """What would stop `vllm serve --lora-modules` from loading the adapter (PEFT still can)."""
+def loadable_base_name(uri: str) -> str:
+    """What `AutoPeftModelForCausalLM` can load the base from: the hub id of hf://org/name, the
+    path of file:///path, else the base directory's name (place the base under that name, or pass
+    the base model explicitly). The URI and revision are in lora-metadata.json."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        return f"{parsed.netloc}{parsed.path}".strip("/")
+    if parsed.scheme == "file":
+        return parsed.path
+    return (parsed.path.rstrip("/").rsplit("/", 1)[-1]) or parsed.netloc
+
+
+def _targets(config: dict) -> list[str]:
+    targets = config.get("target_modules") or []
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def vllm_problems(config: dict, max_lora_rank: int) -> list[str]:
+    """Every reason `vllm serve --enable-lora --max-lora-rank <max_lora_rank>` would refuse the
+    adapter (PEFT still loads it)."""
     out = []
-    if config.get("r", 0) > VLLM_MAX_LORA_RANK:
-        out.append(f"rank {config['r']} > {VLLM_MAX_LORA_RANK}: vLLM cannot serve this adapter "
-                   f"(max_lora_rank is at most {VLLM_MAX_LORA_RANK}); PEFT can")
+    rank = config.get("r", 0)
+    if rank > max_lora_rank:
+        out.append(f"rank {rank} > the server's --max-lora-rank {max_lora_rank} (output.vllmMaxLoraRank): "
+                   f"vLLM refuses to load this adapter")
+    if rank > VLLM_MAX_LORA_RANK:
+        out.append(f"rank {rank} > {VLLM_MAX_LORA_RANK}, the largest --max-lora-rank vLLM accepts")
     if config.get("use_dora"):
         out.append("use_dora: vLLM does not serve DoRA adapters")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         out.append("LoRA bias terms: vLLM does not serve them")
+    if config.get("modules_to_save"):
+        out.append(f"modules_to_save {config['modules_to_save']}: vLLM serves pure LoRA weights only")
+    heads = [t for t in _targets(config) if t.rsplit(".", 1)[-1] in EMBEDDING_MODULES]
+    if heads:
+        out.append(f"LoRA on {', '.join(heads)}: vLLM does not serve embedding or output-head adapters")
     return out
 
 
@@ -178,6 +208,8 @@ def verify_merge(spec, base_dir: Path, ref_adapter_dir: Path, merged_dir: Path, 
     probe = [ex.ids[:MERGE_PROBE_TOKENS] for ex in examples[:MERGE_SAMPLES]]
     ref = PeftModel.from_pretrained(_load_unquantized(base_dir, dtype, device), str(ref_adapter_dir)).eval()
     want = _logits(ref, probe)
+    with ref.disable_adapter():  # the 16-bit base the adapter was merged into, not the NF4 one
+        base = heldout_loss(ref, examples, pad_id)
     del ref
     _free(device)
     merged = _load_unquantized(merged_dir, dtype, device)
@@ -188,11 +220,12 @@ def verify_merge(spec, base_dir: Path, ref_adapter_dir: Path, merged_dir: Path, 
     if not diff <= tolerance:
         raise MergeMismatch(diff, tolerance, dtype)
     loss = heldout_loss(merged, examples, pad_id)
-    metrics = dataclasses.replace(report.metrics(), adapter_loss=loss.loss)
+    metrics = dataclasses.replace(report.metrics(), base_loss=base.loss, adapter_loss=loss.loss)
     verdict = apply_gate(spec.evaluation, metrics)
     return {"maxAbsLogitDiff": diff, "tolerance": tolerance, "dtype": dtype, "samples": len(probe),
             "reference": "16-bit base + checkpoint adapter, unmerged",
-            "evalLoss": loss.loss, "perplexity": loss.perplexity, "gate": verdict.to_dict()}
+            "evalLoss": loss.loss, "perplexity": loss.perplexity, "baseEvalLoss": base.loss,
+            "gate": verdict.to_dict()}
 
 
 # --- publishing -----------------------------------------------------------------------------------
@@ -203,39 +236,26 @@ def _files(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _promote(store, staged: Path, staging_key: str, output_key: str) -> None:
-    """Replace the published set with the staged one; the old metadata goes first."""
-    store.delete_prefix(storage.join(output_key, METADATA))
-    for part in ("adapter", "merged"):
-        store.delete_prefix(storage.join(output_key, part))
-    for rel in sorted(_files(staged)):
-        _copy(store, storage.join(staging_key, rel), storage.join(output_key, rel), staged / rel)
-
-
-def _copy(store, src_key: str, dst_key: str, local: Path) -> None:
-    """Server-side copy where the store can (no second upload of the weights); otherwise put the
-    local file."""
-    try:
-        store.copy(src_key, dst_key)
-    except (storage.StorageError, storage.NotFound) as exc:
-        log.warning("copy to %s failed (%s); uploading", store.describe(dst_key), exc)
-        store.put_file(dst_key, local)
-
-
 def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, report: EvalReport, tokenizer, *,
             eval_records: Sequence[dict], work_dir: Path, run_id: Optional[str] = None,
             dataset_hashes: Optional[dict] = None, max_seq_length: Optional[int] = None,
             started_at: Optional[str] = None, device: Optional[torch.device] = None,
-            world_size: int = 1) -> dict:
+            data_stats: Optional[dict] = None, identity=None,
+            checkpoint_eval_loss: Optional[float] = None, world_size: int = 1) -> dict:
     """Build, verify, stage and promote the artifacts (see module docstring); returns their URIs.
     `world_size`: training processes of the run that wrote the checkpoint (for the metadata).
 
     `adapter_dir` is the evaluated checkpoint's PEFT adapter directory; `store`/`output_key` come
-    from `storage.open_uri(spec.output.uri)`.
+    from `storage.open_uri(spec.output.uri)`; `identity` (identity.JobIdentity) is recorded in the
+    metadata and must match whatever is published there already.
     """
+    from .io.identity import JobIdentity
+
     if not report.gate.passed:
         raise GateRejected(report.gate.reasons)
     run_id = run_id or uuid.uuid4().hex[:12]
+    identity = identity or JobIdentity("", "local")
+    release.check_owner(store, output_key, identity)  # before minutes of merging
     local = Path(work_dir) / "publish" / run_id
     shutil.rmtree(local, ignore_errors=True)
     adapter_config, warnings = write_adapter(spec, adapter_dir, tokenizer, local / "adapter")
@@ -244,23 +264,20 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
                           max_seq_length, device)
     if spec.output.format == "merged":
         shutil.rmtree(local / "adapter")
-    (local / "eval.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+    (local / "eval.json").write_text(strictjson.dumps(report.to_dict(), indent=1, sort_keys=True))
 
-    staging_key = storage.join(output_key, ".staging", run_id)
-    store.delete_prefix(staging_key)
-    storage.upload_dir(store, local, staging_key)
-    _promote(store, local, staging_key, output_key)
-    uris = {
-        "adapter": store.describe(storage.join(output_key, "adapter")) if (local / "adapter").is_dir() else None,
-        "merged": store.describe(storage.join(output_key, "merged")) if (local / "merged").is_dir() else None,
-        "eval": store.describe(storage.join(output_key, "eval.json")),
-        "metadata": store.describe(storage.join(output_key, METADATA)),
-    }
-    meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
-                          files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
-                          started_at=started_at, warnings=warnings, world_size=world_size)
-    store.put_bytes(storage.join(output_key, METADATA), json.dumps(meta, indent=1, sort_keys=True).encode())
-    _cleanup(store, staging_key, local)
+    def metadata(uris: dict) -> dict:
+        meta = build_metadata(spec, report, adapter_config=adapter_config, tokenizer=tokenizer, artifacts=uris,
+                              files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
+                              started_at=started_at, warnings=warnings,
+                              data={**(data_stats or {}), "maxSeqLength": max_seq_length},
+                              vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings},
+                              world_size=world_size)
+        meta["checkpointEvalLoss"] = checkpoint_eval_loss
+        return meta
+
+    uris = release.promote(store, local, output_key, release.new_release(run_id), identity, metadata)
+    shutil.rmtree(local, ignore_errors=True)
     log.info("published %s", ", ".join(f"{k}={v}" for k, v in uris.items() if v))
     return uris
 
@@ -276,17 +293,6 @@ def _merge_and_verify(spec, base_dir, adapter_dir, local, report, tokenizer, eva
                                  dtype=dtype, device=device)
     if not report.merged["gate"]["passed"]:
         raise GateRejected([f"merged {r}" for r in report.merged["gate"]["reasons"]])
-
-
-def _cleanup(store, staging_key: str, local: Path) -> None:
-    try:
-        store.delete_prefix(staging_key)
-        parent = staging_key.rsplit("/", 1)[0]
-        if not store.list(parent):
-            store.delete_prefix(parent)  # the empty .staging/ directory of a LocalStore
-    except Exception as exc:
-        log.warning("could not delete %s: %s", store.describe(staging_key), exc)
-    shutil.rmtree(local, ignore_errors=True)
 
 
 __all__ = [

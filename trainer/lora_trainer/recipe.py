@@ -12,7 +12,6 @@ dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -23,24 +22,30 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import Job, RuntimeConfig
 from .data.packing import Schedule, collate_packed, collate_padded
 from .data.prepare import prepare_data
-from .data.records import IGNORE
-from .io import storage
+from .io import identity as ident
+from .io import preflight, release, storage, strictjson
 from .io.progress import ProgressWriter, mfu, peak_memory_bytes
 from .io.reporting import StepReporter
 from .model import checkpoint as ckpt
 from .model import loading
 from .model.lora import add_lora, param_counts
+from .model.loss import sum_ce
+from .model.targets import check_targets
+from .model.verify import verify_files
 
 log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved (if training had started)."""
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being a finite number; the step was not applied."""
 
 
 MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
@@ -55,6 +60,7 @@ class LoRARecipe:
         self.last_eval: Optional[tuple[int, float]] = None
         self.stop_requested = False
         self.history: list[dict] = []  # per-step loss, for tests and the summary
+        self.warnings: list[str] = []  # reported before training (progress.json)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -80,6 +86,10 @@ class LoRARecipe:
         self.rt.work_dir.mkdir(parents=True, exist_ok=True)
         skw = self.rt.store_kwargs(self.job)
         self.out_store, self.out_key = storage.open_uri(self.spec.output.uri, **skw)
+        self.identity = ident.of_job(self.job)  # names only until the dataset hashes are known
+        if self.rank0:  # before any progress.json write, base download or GPU time
+            preflight.check_job(self.spec, self.out_store, self.out_key, **skw)
+            self.check_prefix_owner()
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
                                        self.rt.progress_interval_s, self.rt.attempt)
@@ -93,20 +103,30 @@ class LoRARecipe:
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
                                      self.spec.training.seed, **skw)
         log.info("data: %s", self.data.summary())
+        self.identity = ident.of_job(self.job, self.data.dataset_hashes)
+        if self.rank0:
+            self.check_prefix_owner()
         self._setup_model()
         self._setup_schedule()
-        self.progress.update(datasetHashes=self.data.dataset_hashes,
-                             skippedLines=self.data.skipped_lines, trainableParams=self.trainable,
+        self.progress.update(datasetHashes=self.data.dataset_hashes, **self.data.stats(),
+                             trainableParams=self.trainable,
                              trainableFraction=self.trainable / self.total_params,
-                             totalSteps=self.total_steps)
+                             totalSteps=self.total_steps, warnings=self.warnings)
         self._maybe_resume()
         if self.stop_requested:
             raise Preempted("stopped by SIGTERM before training started")
 
     def _setup_model(self) -> None:
         s = self.spec
+        checkpointing = loading.gradient_checkpointing(s.training.gradient_checkpointing, s.quantization)
         base = loading.load_base(self.base_dir, s.quantization, s.double_quant, s.compute_dtype,
-                                  self.acc.device)
+                                 self.acc.device, attn=s.attn_implementation, checkpointing=checkpointing)
+        coverage = check_targets(base, s.lora.target_modules)
+        self.warnings = [w for w in [coverage.warning()] if w]
+        for warning in self.warnings:
+            log.warning(warning)
+        log.info("attention %s, gradient checkpointing %s", base.config._attn_implementation,
+                 "on" if checkpointing else "off")
         model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
                                   s.lora.target_modules)
         self.trainable, self.total_params = param_counts(model)
@@ -125,6 +145,12 @@ class LoRARecipe:
                                  t.gradient_accumulation_steps, self.acc.num_processes, t.seed)
         spe = self.schedule.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * spe
+        rows = t.batch_size * t.gradient_accumulation_steps * self.acc.num_processes
+        row_len = self.data.row_len or self.data.max_seq_length
+        log.info("an optimizer step takes %d rows (batchSize %d x gradientAccumulationSteps %d x %d "
+                 "processes) of up to %d tokens: up to %d tokens per step, %d steps per epoch",
+                 rows, t.batch_size, t.gradient_accumulation_steps, self.acc.num_processes, row_len,
+                 rows * row_len, spe)
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         # Not passed through accelerate.prepare: we step it exactly once per optimizer step.
         self.scheduler = get_scheduler(name, self.optimizer.optimizer if hasattr(
@@ -132,26 +158,68 @@ class LoRARecipe:
             num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps)
 
+    def check_prefix_owner(self) -> None:
+        """ForeignPrefix unless the newest checkpoint and the published set are this job's."""
+        where = self.out_store.describe(self.out_key)
+        for ref in ckpt.complete_newest_first(self.out_store, self.out_key)[:1]:
+            try:
+                found = ident.JobIdentity.from_dict(ckpt.read_manifest(self.out_store, ref))
+            except ckpt.CheckpointInvalid:
+                continue  # unreadable: resume skips it and says so
+            ident.check_owner(self.identity, found, f"checkpoint step-{ref.step}", where)
+        release.check_owner(self.out_store, self.out_key, self.identity)
+
     def _maybe_resume(self) -> None:
-        ref = ckpt.latest_complete(self.out_store, self.out_key)
-        if ref is None:
+        """Resume from the newest checkpoint that verifies; skip (and report) the ones that do not."""
+        rejected = []
+        for ref in ckpt.complete_newest_first(self.out_store, self.out_key):
+            try:
+                state = self._resume_from(ref)
+            except ckpt.CheckpointInvalid as exc:
+                log.error("not resuming from %s: %s", self.out_store.describe(ref.key), exc)
+                rejected.append({"step": ref.step, "reason": str(exc)[:500]})
+                continue
+            self._restore_counters(state, ref, rejected)
             return
+        if rejected:
+            log.warning("no checkpoint verified; training from step 0")
+            self.progress.update(rejectedCheckpoints=rejected, force=True)
+
+    def _resume_from(self, ref) -> dict:
+        manifest = ckpt.read_manifest(self.out_store, ref)
+        ident.check_owner(self.identity, ident.JobIdentity.from_dict(manifest), f"checkpoint step-{ref.step}",
+                          self.out_store.describe(self.out_key))
         local = self.rt.work_dir / "resume" / f"step-{ref.step}"
         with self.acc.local_main_process_first():
-            if not (local / "state.json").exists():
-                shutil.rmtree(local, ignore_errors=True)
-                ckpt.download(self.out_store, ref, local)
-        state = ckpt.load_local(local, self.acc.unwrap_model(self.model), self.optimizer,
-                                self.scheduler)
+            if self.acc.is_local_main_process:  # one download per node; no raise between barriers
+                try:
+                    ckpt.fetch_verified(self.out_store, ref, local, manifest)
+                except ckpt.CheckpointInvalid:
+                    pass  # every rank finds the same fault just below
+        verify_files(local, manifest, self.out_store.describe(ref.key))
+        model = self.acc.unwrap_model(self.model)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        where = self.out_store.describe(ref.key)
+        try:
+            state = ckpt.load_local(local, model, self.optimizer, self.scheduler, where)
+            rank = self.acc.process_index
+            if not ckpt.restore_rng(local, rank, where):  # a checkpoint written by fewer ranks
+                torch.manual_seed(self.spec.training.seed + rank + state["step"])
+            return state
+        except ckpt.CheckpointInvalid:
+            model.load_state_dict(before, strict=False)  # nothing of a rejected checkpoint stays
+            raise
+
+    def _restore_counters(self, state: dict, ref, rejected: list) -> None:
         self.step = state["step"]
         self.best_eval, self.best_step = state.get("bestEvalLoss"), state.get("bestStep")
         self.history = state.get("history", [])
-        if not ckpt.restore_rng(local, self.acc.process_index):  # written by fewer ranks
-            torch.manual_seed(self.spec.training.seed + self.acc.process_index + self.step)
         log.info("resumed from %s at step %d", self.out_store.describe(ref.key), self.step)
-        best = self._ckpt_uri(self.best_step) if self.best_step is not None else None
-        self.progress.update(step=self.step, lastCheckpoint=self._ckpt_uri(ref.step),
-                             bestCheckpoint=best, bestEvalLoss=self.best_eval)
+        steps = {r.step for r in ckpt.list_checkpoints(self.out_store, self.out_key) if r.complete}
+        best = self._ckpt_uri(self.best_step) if self.best_step in steps else None
+        self.progress.update(step=self.step, lastCheckpoint=self._ckpt_uri(ref.step), bestCheckpoint=best,
+                             bestEvalLoss=self.best_eval if best else None,
+                             rejectedCheckpoints=rejected or None)
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -161,11 +229,10 @@ class LoRARecipe:
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
     def _sum_ce(self, batch, model=None) -> torch.Tensor:
+        """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            logits = (self.model if model is None else model)(**batch.model_inputs()).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+            return sum_ce(self.model if model is None else model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -187,6 +254,10 @@ class LoRARecipe:
                 ce = self._sum_ce(batch)
                 self.acc.backward(ce * scale)
             loss_sum += float(ce.detach())
+        loss = self._all_sum(loss_sum) / max(n_targets, 1.0)
+        if not math.isfinite(loss):  # every rank sees the same sum, so all stop together
+            raise Diverged(f"non-finite loss ({loss}) at step {self.step + 1}: training diverged; the step "
+                           "was not applied (lower training.learningRate, or check the data)")
         if self.spec.training.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), self.spec.training.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -194,7 +265,7 @@ class LoRARecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": self._all_sum(loss_sum) / max(n_targets, 1.0), "learningRate": lr,
+        return {"loss": loss, "learningRate": lr,
                 "tokens": self._all_sum(sum(b.n_tokens for b in batches)),
                 "epoch": self.step / self.schedule.steps_per_epoch}
 
@@ -209,13 +280,15 @@ class LoRARecipe:
             m = self.train_step()
             elapsed = time.perf_counter() - t0
             self.history.append({"step": self.step, "loss": m["loss"]})
-            eval_loss = None
+            eval_loss, new_best = None, False
             if self.step % t_cfg.eval_every_steps == 0 or self.step == self.total_steps:
                 eval_loss = self.evaluate()
                 self.history[-1]["evalLoss"] = eval_loss
+                new_best = self.best_step == self.step
             self._report(reporter, m, elapsed, eval_loss)
             stop = self._all_sum(1.0 if self.stop_requested else 0.0) > 0
-            if self.step % t_cfg.checkpoint_every_steps == 0 or self.step == self.total_steps or stop:
+            due = self.step % t_cfg.checkpoint_every_steps == 0 or self.step == self.total_steps
+            if due or stop or new_best:  # a new best is checkpointed: "best" always names one
                 self.save_checkpoint()
             if stop:
                 raise Preempted(f"stopped by SIGTERM at step {self.step}")
@@ -236,9 +309,17 @@ class LoRARecipe:
         reporter.log(fields)
         self.progress.update(**fields)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Held-out loss: mean cross-entropy over all target tokens (all ranks)."""
+        """The held-out loss at this step; tracks the best one."""
+        loss = self._heldout_loss()
+        self.last_eval = (self.step, loss)
+        if math.isfinite(loss) and (self.best_eval is None or loss < self.best_eval):
+            self.best_eval, self.best_step = loss, self.step
+        return loss
+
+    @torch.no_grad()
+    def _heldout_loss(self) -> float:
+        """Mean cross-entropy over all target tokens of the held-out rows (all ranks)."""
         self.model.eval()
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
@@ -252,11 +333,7 @@ class LoRARecipe:
             total += float(self._sum_ce(batch, plain))
             count += batch.n_targets
         self.model.train()
-        loss = self._all_sum(total) / max(self._all_sum(count), 1.0)
-        self.last_eval = (self.step, loss)
-        if self.best_eval is None or loss < self.best_eval:
-            self.best_eval, self.best_step = loss, self.step
-        return loss
+        return self._all_sum(total) / max(self._all_sum(count), 1.0)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -278,7 +355,9 @@ class LoRARecipe:
                      "worldSize": self.acc.num_processes}
             ckpt.save_local(local, self.acc.unwrap_model(self.model), self.optimizer,
                             self.scheduler, state, rng_states)
-            ckpt.upload(self.out_store, local, self.out_key, self.step)
+            ckpt.upload(self.out_store, local, self.out_key, self.step,
+                        {"evalLoss": self.last_eval[1], "worldSize": self.acc.num_processes,
+                         **self.identity.to_dict()})
             ckpt.prune(self.out_store, self.out_key, self.spec.training.keep_checkpoints,
                        self.best_step)
             shutil.rmtree(local, ignore_errors=True)
@@ -303,7 +382,7 @@ class LoRARecipe:
         Rewritten whole at each checkpoint from the history the checkpoint also carries, so a
         resumed attempt continues the same curve.
         """
-        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        lines = "".join(strictjson.dumps(h) + "\n" for h in self.history)
         self.out_store.put_bytes(storage.join(self.out_key, "metrics.jsonl"), lines.encode())
 
     def cleanup(self) -> None:

@@ -1,20 +1,27 @@
 """The run order of one job, in one screen: prepare -> train -> evaluate -> gate -> export.
 
 `run` is `lora-trainer run` (all stages) and `lora-trainer train` (prepare and train); it reads as
-the list of stages, each a plain call. `run_after_training` is `lora-trainer evaluate|export` on
-the checkpoints of a finished run. What each stage reads and writes:
+the list of stages, each a plain call. `inspect_job` is `lora-trainer inspect`: prepare alone.
+`run_after_training` is `lora-trainer evaluate|export` on the checkpoints of a finished run.
+What each stage reads and writes:
 
-  prepare   reads the pinned base model and the dataset files (verified, hashed); resumes from the
-            latest COMPLETE checkpoint; writes only progress.json (state Preparing).
-  train     writes checkpoints/step-N/ (COMPLETE marker last), metrics.jsonl, progress.json.
-  evaluate  reads the best complete checkpoint and the held-out records; writes eval.json,
-            whatever the verdict.
+  prepare   preflight (output writable, inputs readable, the prefix is this job's: io.preflight,
+            io.identity) before anything is downloaded; reads the pinned base model and the dataset
+            files (verified, hashed); resumes from the newest COMPLETE checkpoint that verifies
+            (digests, job identity, no code run); writes only progress.json (state Preparing).
+  train     writes checkpoints/step-N/ (COMPLETE manifest last, with eval loss and job identity;
+            a new best eval loss forces one), metrics.jsonl, progress.json.
+  evaluate  reads the verified checkpoint with the lowest recorded eval loss and the held-out
+            records; writes eval.json, whatever the verdict.
   gate      pure: spec.evaluation + the measured metrics -> verdict (evaluation.gate); a refused
-            adapter ends in state Rejected and nothing is published.
-  export    writes adapter/, merged/, eval.json and, last, lora-metadata.json.
+            adapter ends in state Rejected and nothing is published. No verdict, nothing published.
+  export    writes published/<release>/ and, last, lora-metadata.json pointing at it (io.release).
 
 Only rank 0 evaluates and exports. Errors propagate to `__main__`, which maps them to exit codes;
 on the way out `_attempt` writes the final state to progress.json and the termination message.
+SIGTERM sets a flag while training (checkpoint at the next step) and raises `Preempted` at once
+during evaluation and export (the published set stays as it was; the next attempt redoes them
+from the final checkpoint without retraining).
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,21 +43,31 @@ from .config import Job, RuntimeConfig
 from .data.prepare import Prepared, prepare_data
 from .data.records import DataError
 from .evaluation import scoring
+from .io import identity as ident
 from .io import storage
+from .io.identity import ForeignPrefix
+from .io.preflight import PreflightError
 from .io.progress import ProgressWriter, write_termination_message
 from .model import checkpoint as ckpt
 from .model.loading import RevisionError, load_tokenizer, resolve_base
-from .recipe import LoRARecipe, Preempted
+from .recipe import Diverged, LoRARecipe, Preempted
 
 log = logging.getLogger(__name__)
 
 RUN = frozenset({"train", "evaluate", "export"})
 TRAIN = frozenset({"train"})
 
-# The input is wrong (spec, data, base revision): retrying cannot help (exit code 2).
-INVALID_INPUT = (DataError, SpecError, RevisionError)
+# The input is wrong (spec, data, base revision, another job's prefix, unusable storage, a key
+# that escapes its store): retrying cannot help (exit code 2).
+INVALID_INPUT = (DataError, SpecError, RevisionError, ForeignPrefix, PreflightError, storage.UnsafeKey)
+
+
+class NoVerdict(RuntimeError):
+    """Evaluation produced no passed gate verdict: nothing may be published."""
+
+
 # Failures reported by their message alone; anything else is a bug, reported with its type.
-KNOWN_FAILURES = (*INVALID_INPUT, storage.StorageError)
+KNOWN_FAILURES = (*INVALID_INPUT, storage.StorageError, Diverged, NoVerdict)
 
 
 def run(job: Job, rt: RuntimeConfig, stages: frozenset[str] = RUN) -> str:
@@ -62,6 +78,7 @@ def run(job: Job, rt: RuntimeConfig, stages: frozenset[str] = RUN) -> str:
             recipe.train()  # train: checkpoints; raises Preempted on SIGTERM
         if not recipe.rank0 or "evaluate" not in stages:
             return _finish(recipe, "Succeeded")
+        signal.signal(signal.SIGTERM, _raise_preempted)  # no step boundary to wait for any more
         ctx = _context_after_training(recipe)
         report = evaluate(ctx)  # evaluate: eval.json, whatever the verdict
         if not gate_passed(report):  # gate
@@ -79,6 +96,25 @@ def run_after_training(job: Job, rt: RuntimeConfig, publish: bool):
     report = evaluate(ctx)
     uris = export(ctx, report) if publish and gate_passed(report) else None
     return report, uris
+
+
+def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: bool, out=None) -> dict:
+    """`lora-trainer inspect`: the prepare stage alone (same data path as training), then a report
+    of every training example with its trained tokens marked (data.inspection). Returns the summary."""
+    import sys
+
+    from .data.inspection import write_report
+    from .data.prepare import inspection_items
+
+    skw = rt.store_kwargs(job)
+    b = job.spec.base_model
+    tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
+    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
+    summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
+               "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
+    write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
+                 out=out or sys.stdout)
+    return summary
 
 
 def error_message(exc: BaseException) -> str:
@@ -116,6 +152,10 @@ def _attempt(job: Job, rt: RuntimeConfig) -> Iterator[LoRARecipe]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _raise_preempted(*_):
+    raise Preempted("stopped by SIGTERM during evaluation or export; the published set is unchanged")
+
+
 def _finish(recipe: LoRARecipe, state: str) -> str:
     recipe.progress.update(state=state, force=True)
     return state
@@ -139,6 +179,9 @@ class StageContext:
     progress: Optional[ProgressWriter] = None
     max_seq_length: Optional[int] = None  # the training length (auto = p95)
     dataset_hashes: dict = field(default_factory=dict)
+    data_stats: dict = field(default_factory=dict)  # dropped / truncated / skipped counts
+    identity: Optional[ident.JobIdentity] = None  # recorded with what is published
+    checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
     world_size: int = 1  # training processes of the run that wrote the checkpoint
 
     @property
@@ -150,17 +193,32 @@ class StageContext:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def best_checkpoint(store: storage.Store, output_key: str) -> ckpt.CheckpointRef:
-    """The complete checkpoint with the lowest eval loss (the latest one's record decides)."""
-    latest = ckpt.latest_complete(store, output_key)
-    if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint under {store.describe(output_key)}")
-    state = json.loads(store.get_bytes(storage.join(latest.key, "state.json")))
-    best = state.get("bestStep")
-    for ref in ckpt.list_checkpoints(store, output_key):
-        if ref.complete and ref.step == best:
-            return ref
-    return latest
+def best_checkpoint(store: storage.Store, output_key: str, mine: ident.JobIdentity,
+                    dest: Path) -> tuple[ckpt.CheckpointRef, dict]:
+    """Download the adapter of the verified complete checkpoint with the lowest recorded eval loss.
+
+    Candidates are ranked by the `evalLoss` in their manifests (newer first among equals, those
+    without a finite loss last); one that fails verification is skipped with a log line.
+    Returns (ref, manifest); ForeignPrefix when a checkpoint is another job's.
+    """
+    where = store.describe(output_key)
+    ranked = []
+    for ref in ckpt.complete_newest_first(store, output_key):
+        try:
+            manifest = ckpt.read_manifest(store, ref)
+        except ckpt.CheckpointInvalid as exc:
+            log.error("skipping %s: %s", store.describe(ref.key), exc)
+            continue
+        ident.check_owner(mine, ident.JobIdentity.from_dict(manifest), f"checkpoint step-{ref.step}", where)
+        loss = manifest.get("evalLoss")
+        ranked.append((0 if isinstance(loss, (int, float)) else 1, loss or 0.0, -ref.step, ref, manifest))
+    for *_, ref, manifest in sorted(ranked, key=lambda r: r[:3]):
+        try:
+            ckpt.fetch_verified(store, ref, dest, manifest, only="adapter/")
+            return ref, manifest
+        except ckpt.CheckpointInvalid as exc:
+            log.error("skipping %s: %s", store.describe(ref.key), exc)
+    raise FileNotFoundError(f"no complete, verified checkpoint under {where}")
 
 
 def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter] = None,
@@ -174,14 +232,15 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
     if prepared is None:
         tok = load_tokenizer(base_dir)
         prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, **skw)
-    ref = best_checkpoint(store, key)
+    mine = ident.of_job(job, prepared.dataset_hashes)
     local = rt.work_dir / "best"
-    shutil.rmtree(local, ignore_errors=True)
-    storage.download_prefix(store, storage.join(ref.key, "adapter"), local)
-    state = json.loads(store.get_bytes(storage.join(ref.key, "state.json")))
-    return StageContext(job, rt, Path(base_dir), local, ref, prepared.eval_jsonl, store, key,
+    ref, manifest = best_checkpoint(store, key, mine, local)
+    log.info("evaluating %s (held-out loss %s)", store.describe(ref.key), manifest.get("evalLoss"))
+    return StageContext(job, rt, Path(base_dir), local / "adapter", ref, prepared.eval_jsonl, store, key,
                         progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
-                        int(state.get("worldSize") or 1))
+                        data_stats=prepared.stats(), identity=mine,
+                        checkpoint_eval_loss=manifest.get("evalLoss"),
+                        world_size=int(manifest.get("worldSize") or 1))
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
@@ -211,8 +270,18 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
     return report
 
 
+def require_verdict(report) -> None:
+    """NoVerdict unless `report` carries a gate verdict that passed (fail closed)."""
+    gate = getattr(report, "gate", None)
+    if gate is None or getattr(gate, "passed", None) is not True:
+        raise NoVerdict("evaluation returned no passed gate verdict; nothing is published")
+
+
 def gate_passed(report: scoring.EvalReport) -> bool:
-    """The gate's verdict (evaluation.gate.apply_gate, computed by evaluate); a refusal is logged."""
+    """The gate's verdict (evaluation.gate.apply_gate, computed by evaluate); a refusal is logged.
+    No verdict at all is NoVerdict, never a pass."""
+    if getattr(report, "gate", None) is None:
+        raise NoVerdict("evaluation returned no gate verdict; nothing is published")
     if not report.gate.passed:
         log.warning("the evaluation gate refused the adapter: %s; not publishing",
                     "; ".join(report.gate.reasons))
@@ -221,6 +290,7 @@ def gate_passed(report: scoring.EvalReport) -> bool:
 
 def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
     """Publish a passed adapter; returns the artifact URIs."""
+    require_verdict(report)
     if ctx.progress:
         ctx.progress.update(state="Exporting")
     tokenizer = load_tokenizer(ctx.base_dir)
@@ -229,7 +299,8 @@ def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
                              work_dir=ctx.runtime.work_dir,
                              run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
                              dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
-                             world_size=ctx.world_size)
+                             data_stats=ctx.data_stats, identity=ctx.identity,
+                             checkpoint_eval_loss=ctx.checkpoint_eval_loss, world_size=ctx.world_size)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import ApiModel, Rule
 
@@ -18,8 +18,9 @@ URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|hf://[^/\s]+/[^\s]
 DATA_URI_PATTERN = URI_PATTERN
 OUTPUT_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9][a-z0-9.-]*(/.*)?|file:///.*)$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = "all-linear"
+DEFAULT_TARGET_MODULES = [ALL_LINEAR]
+MAX_TEMPLATE_KWARGS = 16
 
 Uri = str
 
@@ -65,8 +66,20 @@ class DatasetSpec(ApiModel):
         default=0,
         ge=0,
         le=131072,
-        description="Maximum tokens per example; longer ones are truncated and counted. 0 = auto "
-        "(the p95 of tokenized lengths).",
+        description="Maximum tokens per example (and per packed row). Longer examples are handled "
+        "by onOverlong. 0 = auto (the p95 of tokenized training lengths).",
+    )
+    on_overlong: Literal["drop", "truncate"] = Field(
+        default="drop",
+        description="drop: an example longer than maxSeqLength is left out (counted in progress.json "
+        "and the metadata); truncate: keep its assistant turns that end within maxSeqLength and cut "
+        "after the last of them (never mid-turn), dropping it when none fits.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables for the base model's chat template, as a serving stack passes "
+        "them, e.g. {enable_thinking: false} for Qwen3. Used for training renders and evaluation "
+        "prompts alike. String, number or boolean values; at most 16.",
     )
     packing: bool = Field(
         default=True,
@@ -81,6 +94,17 @@ class DatasetSpec(ApiModel):
         description="fail: a malformed line stops the job with its file and line number; skip: "
         "skip it and count it in the status.",
     )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _scalar_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_TEMPLATE_KWARGS:
+            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} chat template variables")
+        for key, item in value.items():
+            if not isinstance(item, (str, int, float, bool)) or len(key) > 64:
+                raise ValueError(f"{key[:64]}: chat template variables are short names with string, "
+                                 "number or boolean values")
+        return value
 
 
 class LoRASpec(ApiModel):
@@ -98,8 +122,9 @@ class LoRASpec(ApiModel):
         default=list(DEFAULT_TARGET_MODULES),
         min_length=1,
         max_length=64,
-        description="Module names to adapt, or [\"all-linear\"] for every linear layer except the "
-        "output head. Default: the four attention projections.",
+        description="Module names to adapt, or [\"all-linear\"] for every linear layer of the decoder "
+        "except the output head (covers fused projections such as Phi-3's qkv_proj). Names that match "
+        "nothing, or that cover only part of the decoder's linear layers, are reported before training.",
         json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 128}},
     )
 
@@ -125,7 +150,10 @@ class TrainingSpec(ApiModel):
         default=0, ge=0, le=10_000_000, description="Optimizer steps; 0 = derived from epochs."
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
-    batch_size: int = Field(default=4, ge=1, le=4096, description="Rows per device per micro-step.")
+    batch_size: int = Field(
+        default=4, ge=1, le=4096,
+        description="Rows per device per micro-step; a packed row holds up to maxSeqLength tokens.",
+    )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Micro-steps per optimizer step."
     )
@@ -140,6 +168,11 @@ class TrainingSpec(ApiModel):
         default=1.0, ge=0, le=1000, description="Gradient clipping norm; 0 disables clipping."
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, split and init.")
+    gradient_checkpointing: Optional[bool] = Field(
+        default=None,
+        description="Recompute each decoder layer's activations in the backward pass (non-reentrant): "
+        "much less memory, about a third more compute. Default: on for quantized bases, off otherwise.",
+    )
     checkpoint_every_steps: int = Field(
         default=50, ge=1, le=1_000_000, description="Save a checkpoint every N optimizer steps."
     )
@@ -255,11 +288,20 @@ class OutputSpec(ApiModel):
     """Where artifacts and checkpoints go."""
 
     uri: Uri = _uri(
-        "Prefix for checkpoints/, adapter/, merged/ and lora-metadata.json (s3://, pvc:// or file://).",
+        "Prefix for checkpoints/, published/<release>/ and lora-metadata.json (s3://, pvc://; file:// for the "
+        "local CLI only, the operator refuses it).",
         pattern=OUTPUT_URI_PATTERN,
     )
     format: Literal["adapter", "merged", "both"] = Field(
         default="adapter", description="Publish the PEFT adapter, merged weights, or both."
+    )
+    vllm_max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="The --max-lora-rank of the vLLM server meant to serve the adapter (vLLM's default "
+        "is 16); the export reports every setting that server could not load (rank, DoRA, bias, modules "
+        "to save, embedding or head targets) in lora-metadata.json.",
     )
 
 
@@ -337,6 +379,11 @@ class LoRATrainingJobSpec(ApiModel):
     lora: LoRASpec = Field(default_factory=LoRASpec, description="Adapter shape.")
     quantization: Literal["none", "nf4", "int8"] = Field(
         default="nf4", description="Base weights: nf4 (QLoRA, default), int8, or none (16/32-bit LoRA)."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto",
+        description="Attention kernel: auto = sdpa where the architecture supports it (Gemma-2 does "
+        "not), eager otherwise.",
     )
     double_quant: bool = Field(default=True, description="Quantize the NF4 scales too (QLoRA double quant).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(

@@ -19,6 +19,7 @@ from .names import (
 )
 from .owner import Owner
 from .service import MAIN_PORT
+from .volumes import PVC_ROOT, pvc_claims, pvc_mounts, pvc_volumes
 
 TERMINATION_LOG = "/dev/termination-log"
 WORK_DIR = "/var/lib/lora"
@@ -155,6 +156,8 @@ def _env(spec: LoRATrainingJobSpec, params: JobParams) -> list[dict[str, Any]]:
     ]
     if spec.resources.nodes > 1:
         env.append({"name": "LORA_COLLECTIVE_TIMEOUT_S", "value": str(params.collective_timeout_seconds)})
+    if pvc_claims(spec):
+        env.append({"name": "LORA_PVC_ROOT", "value": PVC_ROOT})
     endpoint = spec.storage.endpoint or params.endpoint
     if endpoint:
         env.append({"name": "S3_ENDPOINT", "value": endpoint})
@@ -185,7 +188,7 @@ def _mounts(spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
     ]
     if _needs_shm(spec):
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    return mounts
+    return mounts + pvc_mounts(spec)
 
 
 def _volumes(owner: Owner, spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
@@ -197,7 +200,7 @@ def _volumes(owner: Owner, spec: LoRATrainingJobSpec) -> list[dict[str, Any]]:
     ]
     if _needs_shm(spec):
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-    return volumes
+    return volumes + pvc_volumes(spec)
 
 
 def _needs_shm(spec: LoRATrainingJobSpec) -> bool:

@@ -43,6 +43,7 @@ GATE_PASSED = "GatePassed"
 GATE_FAILED = "GateFailed"
 PENDING_EVALUATION = "PendingEvaluation"
 COMPLETED = "Completed"
+NOTHING_PUBLISHED = "NothingPublished"  # exit 0 without a gate verdict or without published artifacts
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 INVALID_INPUT = "InvalidInput"  # the trainer refused its data, spec or base model (exit 2)
 IN_PROGRESS = "InProgress"
@@ -53,7 +54,7 @@ TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 # Reasons worth a Warning event when their condition becomes True (or Admitted becomes False).
 WARNING_REASONS = frozenset({
     INVALID_SPEC, POLICY_VIOLATION, QUOTA_EXCEEDED, KUEUE_NOT_INSTALLED, MAX_RUNNING_JOBS,
-    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, RETRYING, PREEMPTED,
+    BACKOFF_LIMIT_EXCEEDED, INVALID_INPUT, GATE_FAILED, NOTHING_PUBLISHED, RETRYING, PREEMPTED,
 })
 
 

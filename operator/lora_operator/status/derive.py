@@ -3,6 +3,9 @@
 The decision order matters and is the contract the table tests pin down:
 invalid spec > finished attempt (succeeded / failed beyond maxRetries) > suspended by the user >
 blocked from starting (quota, Kueue missing, namespace limit) > queued in Kueue > running.
+Succeeded is never inferred: an attempt that exited 0 is Succeeded only with a Passed gate verdict
+and published artifacts (adapter or merged, plus lora-metadata.json) in progress.json; without them
+it is Failed with reason NothingPublished (fail closed: a crashed or stubbed evaluator must not pass).
 A gate rejection ends with phase Rejected: Succeeded=False and Failed=True (reason GateFailed), so
 both `kubectl wait --for=condition=Failed` and kstatus (Stalled=True) see a terminal state, while
 the phase and reason still tell it apart from a broken run.
@@ -102,12 +105,24 @@ def _finished(obs: Observed, carried: Mapping[str, Any], evaluated: dict) -> lis
                 c.condition(c.EVALUATED, c.TRUE, c.GATE_FAILED, message),
                 c.condition(c.SUCCEEDED, c.FALSE, c.GATE_FAILED, message),
                 c.condition(c.FAILED, c.TRUE, c.GATE_FAILED, message)]
-    passed = evaluated["status"] == c.TRUE
-    message = "adapter passed the evaluation gate and was published" if passed else "the trainer finished"
-    return [admitted, c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED), done,
-            evaluated if passed else c.condition(c.EVALUATED, c.TRUE, c.GATE_PASSED, "no gate verdict reported"),
-            c.condition(c.SUCCEEDED, c.TRUE, c.GATE_PASSED if passed else c.COMPLETED, message),
+    missing = _unproven(carried, evaluated)
+    if missing:
+        message = f"the trainer exited 0 but {missing}; a job succeeds only with a verdict and artifacts"
+        return _terminal_failure(c.NOTHING_PUBLISHED, message, admitted=admitted, evaluated=evaluated)
+    message = "adapter passed the evaluation gate and was published"
+    return [admitted, c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED), done, evaluated,
+            c.condition(c.SUCCEEDED, c.TRUE, c.GATE_PASSED, message),
             c.condition(c.FAILED, c.FALSE, c.COMPLETED)]
+
+
+def _unproven(carried: Mapping[str, Any], evaluated: dict) -> str | None:
+    """What is missing for Succeeded (fail closed): a Passed verdict and the published artifacts."""
+    if evaluated["status"] != c.TRUE:
+        return "reported no gate verdict"
+    artifacts = carried.get("artifacts") or {}
+    if not (artifacts.get("metadata") and (artifacts.get("adapter") or artifacts.get("merged"))):
+        return "reported no published artifacts (adapter or merged, and lora-metadata.json)"
+    return None
 
 
 def _terminal_failure(reason: str, message: str, *, admitted: dict | None = None,

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..api import LoRATrainingJobSpec
+from ..builders.volumes import uri_fields
 from ..config import OperatorConfig, Policy
 from . import conditions as c
 from .observed import Blocked
@@ -33,6 +34,10 @@ def _image_allowed(image: str, allowed: Iterable[str]) -> bool:
 def check_policy(spec: LoRATrainingJobSpec, config: OperatorConfig) -> tuple[str, str] | None:
     """(PolicyViolation, message naming the field) when the cluster policy refuses this spec."""
     policy: Policy = config.policy
+    for field, value in uri_fields(spec):
+        if value.startswith("file://"):
+            return c.POLICY_VIOLATION, (f"{field}: {value} is a file:// URI, which is for the local "
+                                        "CLI only (a pod's files vanish with it); use s3:// or pvc://")
     uri = spec.base_model.uri
     prefixes = policy.allowed_base_model_prefixes
     if prefixes and not any(uri.startswith(p) for p in prefixes):

@@ -5,9 +5,11 @@ padding tail), and transformers (sdpa/eager/flash) derives a per-example causal 
 restarts when `attention_mask is None` and no cache is used. So no token attends across examples,
 and the logits equal those of the unpacked examples (tests/trainer/test_packing.py proves it).
 
-Packed rows are PACK_FACTOR x maxSeqLength tokens long, so several examples of the longest allowed
-length fit into one row and best-fit-decreasing leaves little padding. Row order per epoch is a
-permutation seeded by (seed, epoch): resuming at step N replays exactly the same batches.
+A packed row holds up to maxSeqLength tokens, as TRL and Axolotl pack, so `batchSize` rows of a
+packed run carry about as many tokens as `batchSize` unpacked examples of the longest allowed
+length, and small datasets get the number of optimizer steps users expect. Best-fit-decreasing
+keeps padding low. Row order per epoch is a permutation seeded by (seed, epoch): resuming at step N
+replays exactly the same batches.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from .records import IGNORE, Example
-
-PACK_FACTOR = 4
 
 
 def pack_bfd(examples: list[Example], row_len: int) -> list[list[Example]]:
@@ -106,8 +106,7 @@ def make_rows(examples: list[Example], max_len: int, packing: bool) -> tuple[lis
     """Rows and their length (0 = variable, one example per row)."""
     if not packing:
         return [[ex] for ex in examples], 0
-    row_len = max_len * PACK_FACTOR
-    return pack_bfd(examples, row_len), row_len
+    return pack_bfd(examples, max_len), max_len
 
 
 @dataclass

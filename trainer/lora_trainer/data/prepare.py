@@ -1,4 +1,8 @@
-"""From dataset URIs to packed rows: download, hash, validate, split, tokenize, truncate, pack."""
+"""From dataset URIs to packed rows: download, hash, validate, split, encode, fit, pack.
+
+Records keep their file line through every step, so anything refused or dropped later is reported
+as `file:line` (and `lora-trainer inspect` shows it).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import storage
+from .encoding import Drop, Sourced, encode_records, fit, p95_length
 from .packing import make_rows, padding_fraction
-from .records import DataError, encode_all, p95_length, read_jsonl, split_records, truncate
+from .records import DataError, read_jsonl_lines, split_records
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +29,27 @@ class Prepared:
     max_seq_length: int
     eval_jsonl: Path  # held-out records, for the evaluation stage
     dataset_hashes: dict = field(default_factory=dict)
-    skipped_lines: int = 0
-    truncated: int = 0
+    skipped_lines: int = 0  # invalid lines and records the template refused (onInvalidLine: skip)
+    truncated: int = 0  # examples cut after their last whole turn (onOverlong: truncate)
+    dropped: int = 0  # examples left out by fitting (too long, nothing to train)
     n_train: int = 0
     n_eval: int = 0
     train_tokens: int = 0
     padding_fraction: float = 0.0
+    p95: int = 0  # p95 of the training examples' lengths
+    train_examples: list = field(default_factory=list)  # kept training examples, in file order
+    drops: list = field(default_factory=list)  # training Drops (refused and fitted out), for inspect
 
     def summary(self) -> str:
         return (f"{self.n_train} train / {self.n_eval} eval examples, {self.train_tokens} train "
-                f"tokens, maxSeqLength {self.max_seq_length}, {len(self.train_rows)} rows of "
+                f"tokens, maxSeqLength {self.max_seq_length} (p95 {self.p95}), {len(self.train_rows)} rows of "
                 f"{self.row_len or 'variable'} tokens, padding {self.padding_fraction:.1%}, "
-                f"{self.truncated} truncated, {self.skipped_lines} skipped")
+                f"{self.dropped} dropped, {self.truncated} truncated, {self.skipped_lines} skipped")
+
+    def stats(self) -> dict:
+        """What progress.json and lora-metadata.json report about the data."""
+        return {"maxSeqLength": self.max_seq_length, "droppedExamples": self.dropped,
+                "truncatedExamples": self.truncated, "skippedLines": self.skipped_lines}
 
 
 def fetch(uri: str, dest_dir: Path, **store_kw) -> Path:
@@ -54,19 +68,26 @@ def fetch(uri: str, dest_dir: Path, **store_kw) -> Path:
     return path
 
 
+def _encode(dataset, tokenizer, pairs, uri: str):
+    records, lines = [r for r, _ in pairs], [n for _, n in pairs]
+    return encode_records(tokenizer, records, dataset.format, dataset.train_on_prompt,
+                          template_kwargs=dataset.chat_template_kwargs, lines=lines,
+                          on_invalid=dataset.on_invalid_line, name=uri)
+
+
 def prepare_data(dataset, tokenizer, work_dir: Path, seed: int, **store_kw) -> Prepared:
     """`dataset` is the spec's DatasetSpec. Deterministic for a given (files, spec, seed)."""
     data_dir = Path(work_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     hashes, skipped = {}, 0
 
-    def load(uri):
+    def load(uri) -> list[tuple[dict, int]]:
         nonlocal skipped
         path = fetch(uri, data_dir, **store_kw)
         hashes[uri] = "sha256:" + storage.file_sha256(path)
-        records, bad = read_jsonl(path, dataset.format, dataset.on_invalid_line, name=uri)
+        records, lines, bad = read_jsonl_lines(path, dataset.format, dataset.on_invalid_line, name=uri)
         skipped += bad
-        return records
+        return list(zip(records, lines))
 
     train = load(dataset.train)
     if dataset.eval:
@@ -76,20 +97,40 @@ def prepare_data(dataset, tokenizer, work_dir: Path, seed: int, **store_kw) -> P
             raise DataError(dataset.train, None, "need at least 2 examples to hold some out")
         train, held = split_records(train, dataset.eval_fraction, seed)
     eval_jsonl = data_dir / "heldout.jsonl"
-    eval_jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held),
+    eval_jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r, _ in held),
                           encoding="utf-8")
 
-    train_ex = encode_all(tokenizer, train, dataset.format, dataset.train_on_prompt)
-    eval_ex = encode_all(tokenizer, held, dataset.format, dataset.train_on_prompt)
-    max_len = dataset.max_seq_length or p95_length(train_ex)
-    train_ex, cut = truncate(train_ex, max_len)
-    eval_ex, cut_eval = truncate(eval_ex, max_len)
-    train_rows, row_len = make_rows(train_ex, max_len, dataset.packing)
-    eval_rows, _ = make_rows(eval_ex, max_len, dataset.packing)
+    enc_train = _encode(dataset, tokenizer, train, dataset.train)
+    enc_eval = _encode(dataset, tokenizer, held, dataset.eval or dataset.train)
+    skipped += len(enc_train.refused) + len(enc_eval.refused)
+    p95 = p95_length(enc_train.examples)
+    max_len = dataset.max_seq_length or p95
+    fit_train = fit(enc_train.examples, max_len, dataset.on_overlong)
+    fit_eval = fit(enc_eval.examples, max_len, dataset.on_overlong)
+    for d in fit_train.dropped[:5]:
+        log.warning("%s:%s: dropped: %s", dataset.train, d.line, d.reason)
+    if not fit_train.kept:
+        raise DataError(dataset.train, None, f"no training example fits maxSeqLength {max_len} "
+                        f"({len(fit_train.dropped)} dropped)")
+    train_rows, row_len = make_rows(fit_train.kept, max_len, dataset.packing)
+    eval_rows, _ = make_rows(fit_eval.kept, max_len, dataset.packing)
     pad = padding_fraction(train_rows, row_len) if row_len else 0.0
+    drops = sorted(enc_train.refused + fit_train.dropped, key=_order)
     return Prepared(
         train_rows=train_rows, eval_rows=eval_rows, row_len=row_len, max_seq_length=max_len,
         eval_jsonl=eval_jsonl, dataset_hashes=hashes, skipped_lines=skipped,
-        truncated=cut + cut_eval, n_train=len(train_ex), n_eval=len(eval_ex),
-        train_tokens=sum(len(e) for e in train_ex), padding_fraction=pad,
+        truncated=fit_train.truncated + fit_eval.truncated,
+        dropped=len(fit_train.dropped) + len(fit_eval.dropped), n_train=len(fit_train.kept),
+        n_eval=len(fit_eval.kept), train_tokens=sum(len(e) for e in fit_train.kept), padding_fraction=pad,
+        p95=p95, train_examples=fit_train.kept, drops=drops,
     )
+
+
+def _order(item) -> tuple[int, int]:
+    return (item.line or 0, item.turn or 0)
+
+
+def inspection_items(prepared: Prepared) -> list[tuple[Sourced | None, Drop | None]]:
+    """Kept training examples and dropped ones, in file order (line, then turn)."""
+    items = [(ex, None) for ex in prepared.train_examples] + [(None, d) for d in prepared.drops]
+    return sorted(items, key=lambda pair: _order(pair[0] if pair[0] is not None else pair[1]))

@@ -1,19 +1,17 @@
-"""Reading, validating and tokenizing JSONL training data.
+"""Reading and validating JSONL training data; the `Example` every later stage consumes.
 
 Invariants of an encoded `Example`:
   * `labels[t]` is `ids[t]` where the loss applies and IGNORE (-100) elsewhere; by default only the
     tokens rendered for assistant turns (including the template's end-of-turn tokens) are trained.
   * `labels[0]` is always IGNORE. A causal LM never predicts its first token, and clearing it makes a
     packed row (where example B follows example A) give exactly the loss of the unpacked examples.
-Assistant spans are found in characters by rendering prefixes of the conversation with the
-tokenizer's own chat template, then mapped to tokens through the tokenizer's offsets; this works for
-any template whose renders of prefixes are prefixes of the full render (checked, with a clear error).
+Rendering and masking are in `rendering` (which text trains, for any chat template) and `encoding`
+(tokens, labels, and fitting examples to maxSeqLength).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -76,14 +74,21 @@ def _check_completion(obj) -> Optional[str]:
 
 def read_jsonl(path: Path, fmt: str, on_invalid: str = "fail",
                name: Optional[str] = None) -> tuple[list[dict], int]:
-    """Parse and validate a JSONL file. Returns (records, skipped line count).
+    """Parse and validate a JSONL file. Returns (records, skipped line count); see read_jsonl_lines."""
+    records, _, skipped = read_jsonl_lines(path, fmt, on_invalid, name)
+    return records, skipped
+
+
+def read_jsonl_lines(path: Path, fmt: str, on_invalid: str = "fail",
+                     name: Optional[str] = None) -> tuple[list[dict], list[int], int]:
+    """Parse and validate a JSONL file. Returns (records, their 1-based line numbers, skipped count).
 
     With on_invalid="fail" the first bad line raises DataError naming `name` (the URI) and the
     line number; with "skip" bad lines are counted. Blank lines are ignored.
     """
     name = name or str(path)
     check = _check_chat if fmt == "chat" else _check_completion
-    records, skipped = [], 0
+    records, lines, skipped = [], [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -96,15 +101,18 @@ def read_jsonl(path: Path, fmt: str, on_invalid: str = "fail",
                 problem = f"not valid UTF-8 (byte {exc.start})"
             except json.JSONDecodeError as exc:
                 problem = f"malformed JSON: {exc.msg} (column {exc.colno})"
+            except RecursionError:
+                problem = "JSON nested too deeply"
             if problem is None:
                 records.append(obj)
+                lines.append(lineno)
             elif on_invalid == "skip":
                 skipped += 1
             else:
                 raise DataError(name, lineno, problem)
     if not records:
         raise DataError(name, None, "no valid examples")
-    return records, skipped
+    return records, lines, skipped
 
 
 def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -117,74 +125,19 @@ def split_records(records: list, fraction: float, seed: int) -> tuple[list, list
     return train, [records[i] for i in sorted(held)]
 
 
-# --- tokenizing -----------------------------------------------------------------------------------
+# --- tokenizing (see encoding.py; these keep the simple call sites short) -----------------------
 
 
-def _render(tokenizer, messages, gen_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+def encode_chat(tokenizer, messages, train_on_prompt: bool = False, template_kwargs=None) -> list[Example]:
+    """The examples of one conversation: one, or one per assistant turn (see rendering.py)."""
+    from .encoding import encode_chat as _encode
+
+    return _encode(tokenizer, messages, train_on_prompt, template_kwargs)
 
 
-def assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans of its assistant turns."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the base model's tokenizer has no chat template; use format: completion "
-                         "or a base with a chat template")
-    text = _render(tokenizer, messages)
-    spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], gen_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1])
-        if not (text.startswith(before) and text.startswith(through)):
-            raise ValueError("the chat template does not render prefixes of a conversation as "
-                             "prefixes; cannot locate assistant turns")
-        spans.append((len(before), len(through)))
-    return text, spans
+def encode_all(tokenizer, records: Iterable[dict], fmt: str, train_on_prompt: bool,
+               template_kwargs=None) -> list[Example]:
+    """Every example of `records`; a record the template refuses raises DataError."""
+    from .encoding import encode_records
 
-
-def encode_chat(tokenizer, messages, train_on_prompt: bool = False) -> Example:
-    text, spans = assistant_char_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if train_on_prompt:
-        labels = list(ids)
-    else:
-        labels = [tok if any(s <= start < e for s, e in spans) else IGNORE
-                  for tok, (start, _) in zip(ids, enc["offset_mapping"])]
-    labels[0] = IGNORE
-    return Example(ids, labels)
-
-
-def encode_completion(tokenizer, prompt: str, completion: str, train_on_prompt=False) -> Example:
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        c = c + [tokenizer.eos_token_id]
-    labels = (list(p) if train_on_prompt else [IGNORE] * len(p)) + list(c)
-    labels[0] = IGNORE
-    return Example(p + c, labels)
-
-
-def encode_all(tokenizer, records: Iterable[dict], fmt: str, train_on_prompt: bool) -> list[Example]:
-    if fmt == "chat":
-        return [encode_chat(tokenizer, r["messages"], train_on_prompt) for r in records]
-    return [encode_completion(tokenizer, r["prompt"], r["completion"], train_on_prompt)
-            for r in records]
-
-
-def p95_length(examples: list[Example]) -> int:
-    """95th percentile (nearest rank) of the example lengths."""
-    lengths = sorted(len(e) for e in examples)
-    return lengths[max(0, math.ceil(0.95 * len(lengths)) - 1)]
-
-
-def truncate(examples: list[Example], max_len: int) -> tuple[list[Example], int]:
-    """Cut examples to `max_len` tokens; returns (examples, how many were cut)."""
-    out, cut = [], 0
-    for ex in examples:
-        if len(ex) > max_len:
-            ex, cut = Example(ex.ids[:max_len], ex.labels[:max_len]), cut + 1
-        out.append(ex)
-    return out, cut
+    return encode_records(tokenizer, list(records), fmt, train_on_prompt, template_kwargs=template_kwargs).examples

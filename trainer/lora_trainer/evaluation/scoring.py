@@ -10,20 +10,21 @@ Entry points (`run.evaluate` calls these; nothing here does storage I/O except
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
 
 Measurement rules:
-- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.records.encode_all`:
-  assistant turns only unless trainOnPrompt), unpacked, truncated to the training maxSeqLength;
-  perplexity = exp(loss). Base and adapter see identical token sets.
+- Loss is the token-weighted mean NLL over the tokens training puts a loss on (`data.encoding`:
+  assistant turns only unless trainOnPrompt), unpacked, fitted to the training maxSeqLength as
+  training fits (onOverlong); perplexity = exp(loss). Base and adapter see identical token sets.
 - The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
   what training started from (quantized as in training).
-- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records (see
-  `generation.py` for how prompts, references and checks are defined; `generate` below).
+- Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records, prompts
+  rendered as a server renders them (chatTemplateKwargs included), replies without the template's
+  reasoning block (see `generation.py` for how prompts, references and checks are defined;
+  `generate` below).
 - On CPU everything runs in float32 (bf16 matmuls on CPU are slow and not what a GPU does);
   on CUDA in spec.computeDtype.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -33,9 +34,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.encoding import encode_records as _encode
+from ..data.encoding import fit
 from ..data.prepare import fetch
-from ..data.records import IGNORE, Example, encode_all, read_jsonl, truncate
+from ..data.records import IGNORE, Example, read_jsonl
+from ..data.rendering import reasoning_tags, strip_reasoning
 from ..io.storage import file_sha256, join
+from ..io.strictjson import dump_bytes
 from ..model.loading import load_base
 from . import generation
 from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
@@ -104,7 +109,7 @@ def progress_eval(report: EvalReport) -> dict[str, Any]:
 def write_eval_json(store, output_key: str, report: EvalReport) -> str:
     """Write `<output>/eval.json`; returns its key. Written whatever the verdict."""
     key = join(output_key, "eval.json")
-    store.put_bytes(key, json.dumps(report.to_dict(), indent=1, sort_keys=True).encode())
+    store.put_bytes(key, dump_bytes(report.to_dict(), indent=1, sort_keys=True))
     return key
 
 
@@ -120,10 +125,14 @@ def load_regression_records(spec, work_dir: Path, **store_kw) -> tuple[list[dict
 
 
 def encode_records(records: Sequence[dict], tokenizer, dataset, max_seq_length: Optional[int]) -> list[Example]:
-    """Tokenize and mask exactly as training does; truncate to the training length if given."""
-    examples = encode_all(tokenizer, records, dataset.format, dataset.train_on_prompt)
+    """Tokenize and mask exactly as training does, fitted to the training length if given.
+
+    Records the template refuses are left out here: training prepared the same file and already
+    failed (or skipped them, as the spec asked)."""
+    examples = _encode(tokenizer, list(records), dataset.format, dataset.train_on_prompt,
+                       template_kwargs=dataset.chat_template_kwargs, on_invalid="skip").examples
     max_len = max_seq_length or dataset.max_seq_length
-    return truncate(examples, max_len)[0] if max_len else examples
+    return fit(examples, max_len, dataset.on_overlong).kept if max_len else examples
 
 
 def _batches(examples: Sequence[Example], budget: int):
@@ -196,7 +205,8 @@ def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch
 
     device = device or eval_device()
     dtype = spec.compute_dtype if device.type == "cuda" else "float32"
-    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device)
+    base = load_base(Path(base_dir), spec.quantization, spec.double_quant, dtype, device,
+                     attn=spec.attn_implementation)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     return model.eval()
 
@@ -210,18 +220,32 @@ def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict]
     checks = spec.evaluation.gate.checks
     if not checks:
         return [], [], 0
-    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples)
+    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples,
+                                       spec.dataset.chat_template_kwargs)
     prompts = [s.prompt for s in samples]
     max_new = spec.evaluation.max_new_tokens
+    tags = reasoning_tags(tokenizer)
     with model.disable_adapter():
-        base_replies = generate(model, tokenizer, prompts, max_new)
-    adapter_replies = generate(model, tokenizer, prompts, max_new)
-    rows = [{"name": c.name, "type": c.type, "minPassRate": c.min_pass_rate,
-             "base": generation.pass_rate(c, base_replies, samples),
-             "adapter": generation.pass_rate(c, adapter_replies, samples)} for c in checks]
+        base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    rows = [_check_row(c, base_replies, adapter_replies, samples) for c in checks]
     shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
              for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
     return rows, shown, len(samples)
+
+
+def _check_row(check, base_replies, adapter_replies, samples) -> dict:
+    """One check's pass rates; outputs whose pattern search ran out of time count as failed and
+    are reported under `timeouts`."""
+    base = generation.score(check, base_replies, samples)
+    adapter = generation.score(check, adapter_replies, samples)
+    row = {"name": check.name, "type": check.type, "minPassRate": check.min_pass_rate,
+           "base": base.rate, "adapter": adapter.rate}
+    if base.timeouts or adapter.timeouts:
+        row["timeouts"] = {"base": base.timeouts, "adapter": adapter.timeouts}
+        log.warning("check %s: %d base and %d adapter outputs ran out of time (counted as failed)",
+                    check.name, base.timeouts, adapter.timeouts)
+    return row
 
 
 def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossResult]:

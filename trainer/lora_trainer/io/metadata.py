@@ -27,6 +27,22 @@ def trainer_version() -> str:
         return getattr(lora_trainer, "__version__", "unknown")
 
 
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    """Installed versions of the libraries that shape the weights (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Optional[str]] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def chat_template_sha256(tokenizer) -> Optional[str]:
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
@@ -41,10 +57,12 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
                    files: dict[str, str], dataset_hashes: dict[str, str], run_id: str,
                    started_at: Optional[str] = None, warnings: Optional[list[str]] = None,
+                   data: Optional[dict[str, Any]] = None, vllm: Optional[dict[str, Any]] = None,
                    world_size: int = 1) -> dict[str, Any]:
     """The metadata document. `spec` is the resolved LoRATrainingJobSpec; `report` the EvalReport
-    (with its `merged` verification when merged weights were exported); `world_size` the training
-    processes of the run (rank 0 writes, so `distributed.rank` is always 0)."""
+    (with its `merged` verification when merged weights were exported); `data` what data
+    preparation resolved (maxSeqLength, dropped and truncated examples); `vllm` the serving check;
+    `world_size` the training processes of the run (rank 0 writes: `distributed.rank` is 0)."""
     targets = adapter_config.get("target_modules")
     return {
         "schemaVersion": SCHEMA_VERSION,
@@ -56,7 +74,9 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
             "rank": adapter_config.get("r"),
             "alpha": adapter_config.get("lora_alpha"),
             "scale": adapter_config["lora_alpha"] / adapter_config["r"],
-            "targetModules": sorted(targets) if isinstance(targets, (list, set)) else targets,
+            # PEFT may expand all-linear into dotted paths per layer; the kinds of layer are what matter.
+            "targetModules": (sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, (list, set))
+                              else targets),
             "dropout": adapter_config.get("lora_dropout"),
         },
         "quantization": spec.quantization,
@@ -65,7 +85,10 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "distributed": {"rank": 0, "worldSize": world_size, "nodes": spec.resources.nodes},
         "eval": report.to_dict(),
         "spec": spec.to_wire(),  # every hyperparameter, defaults resolved
+        "data": dict(data or {}),
+        "vllm": dict(vllm or {}),
         "trainerVersion": trainer_version(),
+        "libraries": library_versions(),
         "chatTemplateSha256": chat_template_sha256(tokenizer),
         "artifacts": dict(artifacts),
         "files": dict(files),

@@ -21,7 +21,11 @@ Schema (camelCase; every key is always present, unknown values are null):
   bestCheckpoint    URI of the complete checkpoint with the lowest evalLoss (str)
   bestEvalLoss      its evalLoss (float)
   datasetHashes     {uri: "sha256:<hex>"} of every dataset file read
-  skippedLines      invalid lines skipped (onInvalidLine: skip) (int)
+  skippedLines      invalid lines skipped (onInvalidLine: skip), records the template refused included (int)
+  maxSeqLength      the resolved maximum example / packed row length (int)
+  droppedExamples   examples left out: longer than maxSeqLength, or nothing to train (int)
+  truncatedExamples examples cut after their last whole assistant turn (onOverlong: truncate) (int)
+  warnings          reported before training, e.g. LoRA targets that miss some linear layers (list of str)
   trainableParams   trainable (LoRA) parameters (int)
   trainableFraction trainable / all parameters (float)
   attempt           attempt number (LORA_ATTEMPT, from 1) (int)
@@ -32,6 +36,10 @@ Schema (camelCase; every key is always present, unknown values are null):
   eval              gate outcome {verdict, reasons, results} in the shape of status.evaluation,
                     set after evaluation (evaluation.scoring.progress_eval)
   artifacts         {adapter, merged, eval, metadata} URIs once published
+  rejectedCheckpoints [{step, reason}] checkpoints found but not used on resume (manifest, digest
+                    or content check failed; see checkpoint.py)
+
+Strict JSON: a number that is not finite (a NaN loss) is written as null (strictjson.py).
 
 MFU counts 4 x N + 2 x trainable FLOPs per token (= 6 x trainable + 4 x frozen parameters):
 forward 2N for every weight, backward 2N for the activation gradients through every weight and
@@ -41,7 +49,6 @@ forward 2N for every weight, backward 2N for the activation gradients through ev
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import sys
@@ -53,14 +60,17 @@ from typing import Optional
 
 import torch
 
+from . import strictjson
+
 log = logging.getLogger(__name__)
 
 STATES = ("Preparing", "Training", "Evaluating", "Exporting", "Succeeded", "Failed", "Rejected",
           "Preempted")
 FIELDS = ("state", "step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate",
           "tokensPerSecond", "peakMemoryBytes", "mfu", "etaSeconds", "lastCheckpoint",
-          "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "trainableParams",
-          "trainableFraction", "attempt", "rank", "worldSize", "updatedAt", "error", "eval", "artifacts")
+          "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "maxSeqLength",
+          "droppedExamples", "truncatedExamples", "warnings", "trainableParams",
+          "trainableFraction", "attempt", "rank", "worldSize", "updatedAt", "error", "eval", "artifacts", "rejectedCheckpoints")
 
 
 def now_rfc3339() -> str:
@@ -102,7 +112,7 @@ class ProgressWriter:
         self._last_write = self.clock()
         if self.store is None:
             return
-        body = json.dumps(self.data, sort_keys=True).encode()
+        body = strictjson.dump_bytes(self.data, sort_keys=True)
         try:
             self.store.put_bytes(self.key, body)
             self.writes += 1
@@ -118,7 +128,7 @@ def write_termination_message(path: Path, data: dict) -> None:
     if summary.get("error"):
         summary["error"] = str(summary["error"])[:2000]
     try:
-        Path(path).write_text(json.dumps(summary, sort_keys=True) + "\n")
+        Path(path).write_text(strictjson.dumps(summary, sort_keys=True) + "\n")
     except OSError:
         pass
 

@@ -4,8 +4,14 @@ A `Store` is rooted at one bucket (S3) or one directory (local) and addresses ob
 '/'-separated keys. The interface is closed: callers use only the methods of `Store` (never a
 client, a bucket or a root directory), so `LocalStore` and `S3Store` are interchangeable and a new
 object store is one more class here plus a scheme in `open_uri`. `open_uri` returns every store
-wrapped in `RetryingStore` (bounded exponential backoff): the retry policy lives inside the store,
-callers never retry. This is the only trainer module that imports minio (import-linter).
+wrapped in `RetryingStore` (exponential backoff inside a total time budget of minutes; an answer
+such as not found, or a permanent refusal such as no such bucket, is never retried): the retry
+policy lives inside the store, callers never retry. This is the only trainer module that imports minio (import-linter).
+
+Keys stay inside: every store refuses a key with a `.` or `..` part, an absolute key, or a NUL
+(`UnsafeKey`), so `s3://out/../../x` or `pvc://claim/../../etc/hostname` never reaches a file
+outside the bucket or claim. With a storage dir, `s3://bucket/...` needs the directory DIR/bucket
+to exist, as S3 needs the bucket (`NoSuchBucket` otherwise).
 
 URIs map to (store, key) in `open_uri`:
   s3://bucket/key   -> S3Store(bucket) or, with a storage dir, LocalStore(DIR/bucket)
@@ -38,6 +44,28 @@ class StorageError(RuntimeError):
 
 class NotFound(FileNotFoundError):
     """The object does not exist (never retried)."""
+
+
+class UnsafeKey(StorageError, ValueError):
+    """A key that would leave its bucket or directory ('..', '.', absolute, NUL): never served."""
+
+
+class BucketMissing(StorageError):
+    """The bucket (a storage dir's DIR/bucket) does not exist: permanent, never retried."""
+
+    code = "NoSuchBucket"
+
+
+# S3 error codes that no retry can change; everything else (network, 5xx, throttling) is retried.
+PERMANENT_CODES = frozenset({"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                             "InvalidBucketName", "AllAccessDisabled", "AccountProblem"})
+
+
+def check_key(key: str, what: str = "key") -> str:
+    """`key` without surrounding slashes; UnsafeKey when it could escape its root."""
+    if "\0" in key or key.startswith("/") or any(part in (".", "..") for part in key.split("/")):
+        raise UnsafeKey(f"{what} {key!r} is not allowed: '..', '.', absolute paths and NUL never reach a store")
+    return key.strip("/")
 
 
 class Store(Protocol):
@@ -76,7 +104,9 @@ class LocalStore:
         self.mounted = mounted
 
     def _path(self, key: str) -> Path:
-        return self.root / key.strip("/")
+        if not self.mounted and not self.root.is_dir():  # stands in for a bucket: never created
+            raise BucketMissing(f"NoSuchBucket: {self.uri_base or self.root} does not exist ({self.root})")
+        return self.root / check_key(key.rstrip("/"))
 
     def describe(self, key: str) -> str:
         if self.uri_base:
@@ -173,6 +203,9 @@ class S3Store:
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{key.strip('/')}"
 
+    def _key(self, key: str) -> str:
+        return check_key(key.rstrip("/"))
+
     def _not_found(self, exc: Exception) -> bool:
         return getattr(exc, "code", None) in ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
 
@@ -180,7 +213,7 @@ class S3Store:
         from minio.error import S3Error
 
         try:
-            resp = self.client.get_object(self.bucket, key.strip("/"))
+            resp = self.client.get_object(self.bucket, self._key(key))
         except S3Error as exc:
             if self._not_found(exc):
                 raise NotFound(self.describe(key)) from None
@@ -192,26 +225,26 @@ class S3Store:
             resp.release_conn()
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(self.bucket, key.strip("/"), io.BytesIO(data), len(data))
+        self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
 
     def get_file(self, key: str, dest: Path) -> None:
         from minio.error import S3Error
 
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client.fget_object(self.bucket, key.strip("/"), str(dest))
+            self.client.fget_object(self.bucket, self._key(key), str(dest))
         except S3Error as exc:
             if self._not_found(exc):
                 raise NotFound(self.describe(key)) from None
             raise
 
     def put_file(self, key: str, src: Path) -> None:
-        self.client.fput_object(self.bucket, key.strip("/"), str(src))
+        self.client.fput_object(self.bucket, self._key(key), str(src))
 
     def list(self, prefix: str) -> list[str]:
         from minio.error import S3Error
 
-        key = prefix.strip("/")
+        key = self._key(prefix)
         try:
             objs = self.client.list_objects(self.bucket, prefix=_dir_prefix(key), recursive=True)
             keys = sorted(o.object_name for o in objs if not o.is_dir)
@@ -227,7 +260,7 @@ class S3Store:
         from minio.error import S3Error
 
         try:
-            self.client.stat_object(self.bucket, key.strip("/"))
+            self.client.stat_object(self.bucket, self._key(key))
             return True
         except S3Error as exc:
             if self._not_found(exc) or exc.code in ("NoSuchKey", "NotFound", "ResourceNotFound"):
@@ -249,8 +282,8 @@ class S3Store:
         from minio.error import S3Error
 
         try:
-            self.client.copy_object(self.bucket, dst_key.strip("/"),
-                                    CopySource(self.bucket, src_key.strip("/")))
+            self.client.copy_object(self.bucket, self._key(dst_key),
+                                    CopySource(self.bucket, self._key(src_key)))
         except S3Error as exc:
             if self._not_found(exc):
                 raise NotFound(self.describe(src_key)) from None
@@ -261,19 +294,24 @@ class S3Store:
 
 
 class RetryingStore:
-    """Wraps a store: every call is retried with bounded exponential backoff.
+    """Wraps a store: every call is retried with exponential backoff within a time budget.
 
-    `NotFound` is an answer, not a fault, and is never retried. When the attempts are spent the
-    call raises `StorageError` naming the operation and the object (never credentials).
+    `NotFound`, `UnsafeKey` and permanent S3 refusals (`PERMANENT_CODES`) are answers, not faults,
+    and are never retried. Otherwise a call is retried until `attempts` calls were made or the next
+    wait would pass `budget_s` seconds since the first try; then it raises `StorageError` naming the
+    operation and the object (never credentials).
     """
 
-    def __init__(self, inner: Store, attempts: int = 5, base_delay: float = 0.5,
-                 max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, inner: Store, attempts: int = 30, base_delay: float = 0.5,
+                 max_delay: float = 30.0, budget_s: float = 300.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.inner = inner
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.budget_s = budget_s
         self.sleep = sleep
+        self.clock = clock
 
     def describe(self, key: str) -> str:
         return self.inner.describe(key)
@@ -282,20 +320,21 @@ class RetryingStore:
         return self.inner.local_path(key)  # no I/O, nothing to retry
 
     def _call(self, op: str, key: str, *args):
+        start = self.clock()
         for attempt in range(1, self.attempts + 1):
             try:
                 return getattr(self.inner, op)(key, *args)
-            except NotFound:
+            except (NotFound, UnsafeKey):
                 raise
             except Exception as exc:
-                if attempt == self.attempts:
-                    raise StorageError(
-                        f"{op} {self.describe(key)} failed after {attempt} attempts: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
                 delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-                log.warning("%s %s failed (%s); retry %d/%d in %.1fs", op, self.describe(key),
-                            type(exc).__name__, attempt, self.attempts - 1, delay)
+                permanent = getattr(exc, "code", None) in PERMANENT_CODES
+                spent = attempt == self.attempts or self.clock() - start + delay > self.budget_s
+                if permanent or spent:
+                    why = "permanent" if permanent else f"failed after {attempt} attempts"
+                    raise StorageError(f"{op} {self.describe(key)} {why}: {type(exc).__name__}: {exc}") from exc
+                log.warning("%s %s failed (%s); retry %d in %.1fs", op, self.describe(key),
+                            type(exc).__name__, attempt, delay)
                 self.sleep(delay)
 
     def get_bytes(self, key):
@@ -334,7 +373,7 @@ def download_prefix(store: Store, prefix: str, dest: Path) -> list[Path]:
     base = _dir_prefix(prefix)
     out = []
     for key in keys:
-        rel = key[len(base):] if key.startswith(base) else Path(key).name
+        rel = check_key(key[len(base):] if key.startswith(base) else Path(key).name, "object name")
         path = Path(dest) / rel
         store.get_file(key, path)
         out.append(path)
@@ -358,12 +397,16 @@ def upload_dir(store: Store, src: Path, prefix: str, last: Iterable[str] = ()) -
 
 
 def open_uri(uri: str, storage_dir: Path | str | None = None, s3_endpoint: str | None = None,
-             pvc_root: Path | str = "/mnt/pvc", retry_attempts: int = 5,
-             retry_base_delay_s: float = 0.5) -> tuple[Store, str]:
+             pvc_root: Path | str = "/mnt/pvc", retry_attempts: int = 30,
+             retry_base_delay_s: float = 0.5, retry_budget_s: float = 300.0) -> tuple[Store, str]:
     """Map a data/model/output URI to (store, key), the store retrying as configured. See the
     module docstring."""
     url = urlparse(uri)
-    key = url.path.lstrip("/")
+    key = url.path[1:] if url.path.startswith("/") else url.path
+    try:
+        key = check_key(key)
+    except UnsafeKey:
+        raise UnsafeKey(f"{uri}: a key with '..', '.' or an absolute path is not allowed") from None
     if url.scheme == "s3":
         if storage_dir:
             store: Store = LocalStore(Path(storage_dir) / url.netloc, uri_base=f"s3://{url.netloc}",
@@ -376,7 +419,8 @@ def open_uri(uri: str, storage_dir: Path | str | None = None, s3_endpoint: str |
         store = LocalStore(Path(pvc_root) / url.netloc, uri_base=f"pvc://{url.netloc}")
     else:
         raise StorageError(f"unsupported URI scheme for object storage: {uri}")
-    return RetryingStore(store, attempts=retry_attempts, base_delay=retry_base_delay_s), key
+    return RetryingStore(store, attempts=retry_attempts, base_delay=retry_base_delay_s,
+                         budget_s=retry_budget_s), key
 
 
 def join(prefix: str, *parts: str) -> str:

@@ -6,21 +6,26 @@ used or reported before it is whole. A partial step-N/ left by a killed attempt 
 the same step is written again, and pruned once a later checkpoint is complete.
 
 Retention: the latest `keep` complete checkpoints plus the best one by eval loss survive.
+
+Trust (verify.py): the manifest also records the step's held-out loss and the job identity
+(identity.py). A checkpoint is read back by downloading exactly the files its manifest lists and
+checking each digest (`fetch_verified`), and decoded without running code (`load_local`: safetensors,
+JSON, and tensors-only `torch.load`); RNG states are stored as tensors and plain lists for that.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..io import storage
+from ..io import storage, strictjson
+from .verify import CheckpointInvalid, load_tensors, parse_manifest, strict_json, verify_files
 
 MARKER = "COMPLETE"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -55,24 +60,54 @@ def latest_complete(store, output_key: str) -> Optional[CheckpointRef]:
     return done[-1] if done else None
 
 
-def upload(store, local_dir: Path, output_key: str, step: int) -> str:
-    """Upload a local checkpoint dir as step-N (marker last); returns the key prefix."""
+def upload(store, local_dir: Path, output_key: str, step: int, extra: Optional[dict] = None) -> str:
+    """Upload a local checkpoint dir as step-N (marker last); returns the key prefix.
+
+    `extra` goes into the manifest: `evalLoss` and the job identity (`job`, `fingerprint`).
+    """
     key = storage.join(checkpoints_key(output_key), f"step-{step}")
     store.delete_prefix(key)  # leftovers of an attempt killed mid-upload
     files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file() and p.name != MARKER)
-    manifest = {"step": step,
+    manifest = {**(extra or {}), "step": step,
                 "files": {p.relative_to(local_dir).as_posix(): storage.file_sha256(p) for p in files}}
     for p in files:
         store.put_file(storage.join(key, p.relative_to(local_dir).as_posix()), p)
-    store.put_bytes(storage.join(key, MARKER), json.dumps(manifest, sort_keys=True).encode())
+    store.put_bytes(storage.join(key, MARKER), strictjson.dump_bytes(manifest, sort_keys=True))
     return key
 
 
-def download(store, ref: CheckpointRef, dest: Path) -> Path:
+def read_manifest(store, ref: CheckpointRef) -> dict:
+    """The parsed COMPLETE manifest of `ref` (CheckpointInvalid when it cannot be trusted)."""
+    where = store.describe(storage.join(ref.key, MARKER))
+    manifest = parse_manifest(store.get_bytes(storage.join(ref.key, MARKER)), where)
+    if manifest.get("step") != ref.step:
+        raise CheckpointInvalid(f"{where}: manifest is for step {manifest.get('step')}, not {ref.step}")
+    return manifest
+
+
+def fetch_verified(store, ref: CheckpointRef, dest: Path, manifest: dict, only: str = "") -> Path:
+    """Download exactly the files `manifest` lists (those under `only`, when given) into a fresh
+    `dest` and check every digest."""
+    import shutil
+
     if not ref.complete:
-        raise ValueError(f"checkpoint {store.describe(ref.key)} is not complete")
-    storage.download_prefix(store, ref.key, dest)
+        raise CheckpointInvalid(f"checkpoint {store.describe(ref.key)} is not complete")
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    manifest = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k.startswith(only)}}
+    if not manifest["files"]:
+        raise CheckpointInvalid(f"{store.describe(ref.key)}: manifest lists nothing under {only!r}")
+    for rel in sorted(manifest["files"]):
+        try:
+            store.get_file(storage.join(ref.key, rel), dest / PurePosixPath(rel))
+        except storage.NotFound:
+            raise CheckpointInvalid(f"{store.describe(ref.key)}: {rel} is listed but missing") from None
+    verify_files(dest, manifest, store.describe(ref.key))
     return dest
+
+
+def complete_newest_first(store, output_key: str) -> list[CheckpointRef]:
+    return [r for r in reversed(list_checkpoints(store, output_key)) if r.complete]
 
 
 def prune(store, output_key: str, keep: int, best_step: Optional[int]) -> list[int]:
@@ -97,16 +132,23 @@ def prune(store, output_key: str, keep: int, best_step: Optional[int]) -> list[i
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """Every RNG state as tensors, ints and lists, so `torch.load(weights_only=True)` reads it."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "hasGauss": int(has_gauss), "cachedGaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["hasGauss"],
+                         n["cachedGaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -128,32 +170,55 @@ def save_local(dest: Path, model, optimizer, scheduler, state: dict,
     torch.save(scheduler.state_dict(), dest / "scheduler.pt")
     for rank, rng in enumerate(rng_states or [rng_state()]):
         torch.save(rng, dest / rng_file(rank))
-    (dest / "state.json").write_text(json.dumps(state, sort_keys=True, indent=1))
+    (dest / "state.json").write_text(strictjson.dumps(state, sort_keys=True, indent=1))
     return dest
 
 
-def load_local(src: Path, model, optimizer, scheduler) -> dict:
-    """Restore the adapter, optimizer and scheduler save_local wrote; returns state.json.
-    RNG states are per rank: `restore_rng`."""
+def load_local(src: Path, model, optimizer, scheduler, where: Optional[str] = None) -> dict:
+    """Restore what save_local wrote (rank 0's RNG state; other ranks then `restore_rng`);
+    returns state.json.
+
+    Everything is decoded before anything is applied, and nothing is unpickled but tensors and
+    plain containers: a bad file raises CheckpointInvalid and leaves model and optimizer untouched.
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     src = Path(src)
-    weights = load_file(str(src / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"checkpoint {src} has unexpected adapter keys: {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=False))
-    return json.loads((src / "state.json").read_text())
+    where = where or str(src)
+    try:
+        weights = load_file(str(src / "adapter" / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise CheckpointInvalid(f"{where}: adapter weights unreadable ({type(exc).__name__})") from None
+    opt, sched, rng = (load_tensors(src / name, where) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
+    state = strict_json((src / "state.json").read_bytes(), f"{where}/state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointInvalid(f"{where}/state.json: no step")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise CheckpointInvalid(f"{where}: unexpected adapter keys {unexpected[:3]}")
+        optimizer.load_state_dict(opt)
+        scheduler.load_state_dict(sched)
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointInvalid):
+            raise
+        raise CheckpointInvalid(f"{where}: state does not fit this model ({type(exc).__name__}: {exc})") from None
+    return state
 
 
-def restore_rng(src: Path, rank: int) -> bool:
-    """Restore this rank's own RNG state; False when the checkpoint has none for it (a checkpoint
-    written by fewer ranks), so the caller reseeds."""
+def restore_rng(src: Path, rank: int, where: Optional[str] = None) -> bool:
+    """Restore this rank's own RNG state (after load_local); False when the checkpoint has none
+    for it (written by fewer ranks), so the caller reseeds."""
     path = Path(src) / rng_file(rank)
-    if not path.exists():
-        return False
-    set_rng_state(torch.load(path, weights_only=False))
+    if rank == 0 or not path.exists():
+        return rank == 0
+    try:
+        set_rng_state(load_tensors(path, where or str(src)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointInvalid):
+            raise
+        raise CheckpointInvalid(f"{where or src}: {path.name} unusable ({type(exc).__name__})") from None
     return True

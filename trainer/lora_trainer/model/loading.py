@@ -94,8 +94,33 @@ def _quant_config(quantization: str, double_quant: bool, compute_dtype: torch.dt
     return None
 
 
-def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device):
-    """The base model with frozen weights, ready for k-bit training when quantized."""
+def attn_implementation(path: Path, requested: str = "auto") -> str:
+    """`requested`, or for auto: sdpa where the architecture supports it (Gemma-2 does not), else eager."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path))
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return "eager"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def gradient_checkpointing(requested: bool | None, quantization: str) -> bool:
+    """The spec's choice; by default on for quantized bases (the memory-bound QLoRA case)."""
+    return requested if requested is not None else quantization != "none"
+
+
+def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device, *,
+              attn: str = "auto", checkpointing: bool = False):
+    """The base model with frozen weights, ready for k-bit training when quantized.
+
+    Gradient checkpointing is non-reentrant: it works with frozen inputs and inside DDP without
+    `enable_input_require_grads` tricks.
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[compute_dtype]
@@ -103,13 +128,19 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
     device_map = {"": device} if qconf is not None else None
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, quantization_config=qconf, device_map=device_map,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation(path, attn),
     )
+    ckpt_kwargs = {"use_reentrant": False}
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
         model.to(device)
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     model.config.use_cache = False
     return model
