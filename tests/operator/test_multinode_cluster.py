@@ -79,7 +79,8 @@ def reference(tiny_files, tmp_path_factory):
                        termination_log=root / "termination-log", progress_bar=False)
     assert run_job({"train", "evaluate", "export"}, load_job(root / "job.yaml"), rt) == 0
     out = root / "store" / "ref" / "out"
-    return {"adapter": (out / "adapter" / "adapter_model.safetensors").read_bytes(),
+    adapter = json.loads((out / "lora-metadata.json").read_text())["artifacts"]["adapter"]
+    return {"adapter": (out / adapter.removeprefix("s3://ref/out/") / "adapter_model.safetensors").read_bytes(),
             "metrics": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]}
 
 
@@ -112,7 +113,9 @@ def _object(storage, key: str) -> bytes:
 def _assert_equals_reference(storage, reference) -> None:
     from safetensors.torch import load
 
-    got, want = load(_object(storage, "demo/adapter/adapter_model.safetensors")), load(reference["adapter"])
+    adapter = json.loads(_object(storage, "demo/lora-metadata.json"))["artifacts"]["adapter"]
+    key = adapter.removeprefix(f"s3://{storage.bucket}/")
+    got, want = load(_object(storage, f"{key}/adapter_model.safetensors")), load(reference["adapter"])
     assert got.keys() == want.keys()
     for name in want:
         assert (got[name] - want[name]).abs().max().item() <= TOL, name
@@ -148,7 +151,7 @@ def test_should_train_two_cpu_nodes_to_the_adapter_of_one_process(namespace, api
     assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"]
     assert status["workers"] == {"ready": 0, "total": 2, "summary": "0/2"}
     assert any("WORKERS" in out and " 2/2 " in out for out in wide), wide
-    assert status["artifacts"]["adapter"] == f"s3://{storage.bucket}/demo/adapter"
+    assert status["artifacts"]["adapter"].startswith(f"s3://{storage.bucket}/demo/published/")
     progress = json.loads(_object(storage, "demo/progress.json"))
     assert (progress["rank"], progress["worldSize"], progress["state"]) == (0, 2, "Succeeded")
     metadata = json.loads(_object(storage, "demo/lora-metadata.json"))
