@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha
 export PATH := $(VENV)/bin:$(PATH):/usr/local/go/bin
 export KUBECONFIG_LOCAL := $(CURDIR)/.local/kubeconfig
 
-.PHONY: help setup binaries cluster cluster-down crds lint test test-fast operator demo bench helm
+.PHONY: help setup binaries kueue cluster cluster-down crds lint test test-fast operator demo bench helm
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,14 +27,18 @@ setup: $(STAMP)  ## create the venv ($(VENV)) and install the package with all e
 binaries: setup  ## build (once, cached in $(CACHE)/bin) etcd, kube-apiserver, kube-controller-manager
 	bash hack/build-binaries.sh
 
-cluster: binaries  ## start the local control plane + S3 + pod runner; writes .local/kubeconfig and .local/s3.env
-	$(PY) hack/localcluster.py up
+kueue: setup  ## build (once, cached in $(CACHE)/bin) Kueue's manager from the Go proxy (KUEUE_BIN to bring your own)
+	python3 hack/build_binaries.py --kueue
+
+cluster: binaries $(if $(KUEUE),kueue)  ## start the local control plane + S3 + pod runner (KUEUE=1: + real Kueue); writes .local/kubeconfig, .local/s3.env
+	$(PY) hack/localcluster.py up $(if $(KUEUE),--kueue)
 
 cluster-down:  ## stop everything `make cluster` started
 	@if [ -x $(PY) ]; then $(PY) hack/localcluster.py down; else python3 hack/localcluster.py down; fi
 
 crds: setup  ## regenerate crds/ from the pydantic models
 	$(PY) -m lora_operator.api.crd > crds/training.lora.dev_loratrainingjobs.yaml
+	$(PY) -m lora_operator.api.crd channels > crds/training.lora.dev_loraadapterchannels.yaml
 	$(PY) -m lora_operator.api.reference > docs/spec-reference.md
 	@if [ -d charts/lora-operator/crds ]; then cp crds/*.yaml charts/lora-operator/crds/; fi
 
@@ -43,7 +47,7 @@ lint: setup  ## ruff, import-linter contracts, hadolint
 	$(VENV)/bin/lint-imports --config .importlinter
 	$(VENV)/bin/hadolint Dockerfile.operator Dockerfile.trainer
 
-test: binaries  ## the whole test suite (unit, trainer on tiny models, real control plane + S3)
+test: binaries kueue  ## the whole test suite (unit, trainer on tiny models, real control plane + S3)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup  ## unit tests only (no cluster, no training)

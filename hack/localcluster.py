@@ -2,6 +2,7 @@
 """A real, local Kubernetes control plane for development and tests (dev tooling, not product).
 
     python hack/localcluster.py up       # build binaries if needed, start, wait until healthy
+    python hack/localcluster.py up --kueue   # ... plus real Kueue (localcluster_kueue.py); sticks until --purge
     python hack/localcluster.py status   # exit 0 when everything is up and healthy
     python hack/localcluster.py down     # stop everything started by `up` (idempotent)
     python hack/localcluster.py down --purge   # ... and delete the cluster state in .local/
@@ -13,8 +14,15 @@ kubelet + scheduler for one Node ``local-gpu-node`` with ``nvidia.com/gpu: 8``.
 
 Everything lives under ``<repo>/.local/``: ``kubeconfig`` (admin), ``s3.env``, ``state.json``
 (ports, secrets), ``pids/``, ``logs/``, ``pods/`` (pod runner work dirs). Ports and credentials are
-kept across down/up so etcd data stays consistent; ``down --purge`` starts from scratch.
+kept across down/up so etcd data stays consistent (a port found taken right before its component
+starts is replaced, below the kernel's ephemeral range); ``down --purge`` starts from scratch.
 Binaries: see hack/build_binaries.py (``KUBEBUILDER_ASSETS`` is honoured).
+
+Failure handling (hack/localcluster_proc.py): a component is dead only when its process exited
+(Popen handle, or the pid file's pid with the same start time); a failed attempt stops everything it
+started, process groups included, before the one retry; a final failure names the component, its
+exit status and log tail, and exits 1 with nothing left running. ``down`` also stops leftovers no
+pid file accounts for (any process whose command line names this .local/'s files).
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,7 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_binaries
+import localcluster_kueue as kueue
 import localcluster_pki as pki
+import localcluster_proc as proc
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = Path(os.environ.get("LORA_LOCAL_DIR", REPO / ".local"))
@@ -50,35 +59,26 @@ CONTROLLERS = ",".join(f"{c}-controller" for c in [
 ])  # deliberately no node-lifecycle-controller: it would taint our fake node
 # Components in start order; `down` stops them in reverse.
 COMPONENTS = ("etcd", "s3", "kube-apiserver", "kube-controller-manager", "podrunner")
-STOP_TIMEOUT = {"s3": 3.0, "kube-apiserver": 5.0, "podrunner": 15.0}
+OPTIONAL = ("kueue",)  # started when state.json says so (`up --kueue` sets it; it sticks)
+STOP_TIMEOUT = {"s3": 3.0, "kube-apiserver": 5.0, "podrunner": 15.0, "kueue": 10.0}
 
 
 def log(msg: str) -> None:
     print(f"[localcluster {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ---------------------------------------------------------------- state, binaries, processes
+# ---------------------------------------------------------------- state, ports, binaries
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+# The ports each component listens on: checked free right before that component starts.
+PORTS = {"etcd": ("etcd", "etcd_peer"),
+         "s3": ("s3", "s3_grpc", "weed_master", "weed_master_grpc", "weed_volume", "weed_volume_grpc",
+                "weed_filer", "weed_filer_grpc"),
+         "kube-apiserver": ("apiserver",),
+         "kueue": kueue.PORTS}
+PORT_NAMES = tuple(p for ports in PORTS.values() for p in ports)
 
 
-PORT_NAMES = ("etcd", "etcd_peer", "apiserver", "s3", "s3_grpc", "weed_master", "weed_master_grpc",
-              "weed_volume", "weed_volume_grpc", "weed_filer", "weed_filer_grpc")
-
-
-def load_state(fresh_ports: bool) -> dict:
+def load_state() -> dict:
     path = LOCAL / "state.json"
     state = json.loads(path.read_text()) if path.exists() else {}
     state.setdefault("admin_token", secrets.token_hex(16))
@@ -87,12 +87,39 @@ def load_state(fresh_ports: bool) -> dict:
     state.setdefault("s3_secret_key", secrets.token_hex(16))
     ports = state.setdefault("ports", {})
     for name in PORT_NAMES:
-        if name not in ports or (fresh_ports and not port_free(ports[name])):
-            ports[name] = free_port()
+        if name not in ports:
+            ports[name] = proc.pick_port(set(ports.values()))
+    save_state(state)
+    return state
+
+
+def save_state(state: dict) -> None:
     LOCAL.mkdir(parents=True, exist_ok=True)
+    path = LOCAL / "state.json"
     path.write_text(json.dumps(state, indent=2) + "\n")
     path.chmod(0o600)
-    return state
+
+
+def claim_ports(st: dict, component: str) -> None:
+    """Move a component to new ports where its recorded ones are taken, right before it starts.
+
+    Ports are kept across down/up where possible (etcd's data remembers its peer URL; a fresh
+    kubeconfig is not needed), and the files that name them are rewritten when one moves.
+    """
+    ports = st["ports"]
+    busy = [name for name in PORTS.get(component, ()) if not proc.port_free(ports[name])]
+    for name in busy:
+        new = proc.pick_port(set(ports.values()))
+        log(f"port {ports[name]} ({name}) is taken; using {new}")
+        ports[name] = new
+    if busy:
+        save_state(st)
+        write_client_files(st)
+
+
+def write_client_files(st: dict) -> None:
+    pki.write_kubeconfigs(LOCAL, st)
+    write_s3_env(st)
 
 
 def find_binary(name: str) -> str:
@@ -109,62 +136,29 @@ def find_binary(name: str) -> str:
     raise SystemExit(f"{name} not found (run hack/build-binaries.sh, or pip install the dev extras)")
 
 
-def pid_file(name: str) -> Path:
-    return LOCAL / "pids" / f"{name}.pid"
+def signature(component: str) -> str:
+    """One argument of the component's command line that names this .local/: finds leftovers."""
+    return {"etcd": f"--data-dir={LOCAL / 'etcd'}",
+            "s3": f"-dir={LOCAL / 's3'}",
+            "kube-apiserver": f"--tls-cert-file={LOCAL / 'pki' / 'apiserver.crt'}",
+            "kube-controller-manager": f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}",
+            "podrunner": f"--work-dir={LOCAL / 'pods'}",
+            "kueue": f"--config={LOCAL / 'kueue' / 'config.yaml'}"}[component]
 
 
-def running_pid(name: str) -> int | None:
-    """The pid we recorded for a component, if that process still runs the same command."""
-    try:
-        pid, marker = pid_file(name).read_text().split(maxsplit=1)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (OSError, ValueError):
-        return None
-    return int(pid) if marker.strip() in cmdline else None
+def components(st: dict) -> tuple[str, ...]:
+    return COMPONENTS + (("kueue",) if st.get("kueue") else ())
 
 
-def spawn(name: str, argv: list[str], env: dict | None = None, marker: str | None = None) -> None:
-    (LOCAL / "logs").mkdir(parents=True, exist_ok=True)
-    (LOCAL / "pids").mkdir(parents=True, exist_ok=True)
-    with open(LOCAL / "logs" / f"{name}.log", "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=LOCAL, env=env)
-    pid_file(name).write_text(f"{proc.pid} {marker or Path(argv[0]).name}\n")
-    log(f"started {name} (pid {proc.pid}), log: {LOCAL / 'logs' / (name + '.log')}")
-
-
-def stop(name: str) -> None:
-    pid = running_pid(name)
-    if pid is not None:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + STOP_TIMEOUT.get(name, 10.0)
-        while time.monotonic() < deadline and running_pid(name) == pid and not _zombie(pid):
-            time.sleep(0.1)
-        if running_pid(name) == pid and not _zombie(pid):
-            log(f"{name} did not stop on SIGTERM; sending SIGKILL")
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log(f"stopped {name} (pid {pid})")
-    pid_file(name).unlink(missing_ok=True)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+def recorded(name: str) -> proc.Proc | None:
+    return proc.recorded(name, LOCAL / "pids", LOCAL / "logs")
 
 
 # ---------------------------------------------------------------- component command lines
 
 def etcd_argv(st: dict) -> list[str]:
     p = st["ports"]
-    return [find_binary("etcd"), "--name=local", f"--data-dir={LOCAL / 'etcd'}",
+    return [find_binary("etcd"), "--name=local", signature("etcd"),
             f"--listen-client-urls=http://127.0.0.1:{p['etcd']}",
             f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
             f"--listen-peer-urls=http://127.0.0.1:{p['etcd_peer']}",
@@ -179,7 +173,7 @@ def apiserver_argv(st: dict) -> list[str]:
             f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
             f"--secure-port={p['apiserver']}",
-            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
+            signature("kube-apiserver"), f"--tls-private-key-file={k / 'apiserver.key'}",
             f"--client-ca-file={k / 'ca.crt'}",
             f"--token-auth-file={k / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC", "--anonymous-auth=true",
@@ -196,7 +190,7 @@ def apiserver_argv(st: dict) -> list[str]:
 def controller_manager_argv(st: dict) -> list[str]:
     k = LOCAL / "pki"
     return [find_binary("kube-controller-manager"),
-            f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}",
+            signature("kube-controller-manager"),
             f"--controllers={CONTROLLERS}", "--leader-elect=false",
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={k / 'sa.key'}", f"--root-ca-file={k / 'ca.crt'}",
@@ -214,7 +208,7 @@ def s3_argv(st: dict) -> list[str]:
     config.chmod(0o600)
     sock = LOCAL / "pids"
     return [find_binary("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-dir={LOCAL / 's3'}", "-master.electionTimeout=1s", "-master.telemetry=false",
+            signature("s3"), "-master.electionTimeout=1s", "-master.telemetry=false",
             f"-master.port={p['weed_master']}", f"-master.port.grpc={p['weed_master_grpc']}",
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
             f"-volume.port={p['weed_volume']}", f"-volume.port.grpc={p['weed_volume_grpc']}",
@@ -237,10 +231,20 @@ def podrunner_python() -> str:
     return sys.executable
 
 
+def podrunner_env(st: dict) -> dict[str, str]:
+    """Pods run this checkout's code, as the operator does: PYTHONPATH (a worktree in front of a
+    shared editable install) passes through to them."""
+    passenv = [n for n in os.environ.get("LORA_PODRUNNER_PASSENV", "").split(",") if n]
+    if os.environ.get("PYTHONPATH") and "PYTHONPATH" not in passenv:
+        passenv.append("PYTHONPATH")
+    return dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"]),
+                LORA_PODRUNNER_PASSENV=",".join(passenv))
+
+
 def podrunner_argv(st: dict) -> list[str]:
     python = podrunner_python()
     return [python, str(REPO / "hack" / "podrunner.py"), f"--kubeconfig={LOCAL / 'kubeconfig'}",
-            f"--node-name={NODE_NAME}", f"--work-dir={LOCAL / 'pods'}"]
+            f"--node-name={NODE_NAME}", signature("podrunner")]
 
 
 # ---------------------------------------------------------------- health
@@ -257,8 +261,15 @@ def _get(url: str, token: str | None = None, timeout: float = 2.0) -> tuple[int,
         return 0, b""
 
 
-def checks(st: dict) -> dict[str, bool]:
-    """Named health checks, cheapest first; each is True when healthy."""
+# Which component a failing health check points at.
+CHECK_COMPONENT = {"s3": "s3", "apiserver /readyz": "kube-apiserver",
+                   "default serviceaccount": "kube-controller-manager",
+                   f"node {NODE_NAME} Ready": "podrunner", "kueue /readyz": "kueue"}
+
+
+def checks(st: dict, procs: dict[str, proc.Proc] | None = None) -> dict[str, bool]:
+    """Named health checks, cheapest first; each is True when healthy. ``procs``: the processes
+    this `up` started (judged by their Popen handles); otherwise the pid files are read."""
     api = f"https://127.0.0.1:{st['ports']['apiserver']}"
     tok = st["admin_token"]
     out = {"s3": _get(f"http://127.0.0.1:{st['ports']['s3']}/")[0] in (200, 403)}
@@ -269,79 +280,142 @@ def checks(st: dict) -> dict[str, bool]:
     ready = code == 200 and any(c["type"] == "Ready" and c["status"] == "True"
                                 for c in json.loads(body).get("status", {}).get("conditions", []))
     out[f"node {NODE_NAME} Ready"] = ready
-    for name in COMPONENTS:
-        out[f"process {name}"] = running_pid(name) is not None
+    if st.get("kueue"):
+        out["kueue /readyz"] = _get(f"http://127.0.0.1:{st['ports']['kueue_health']}/readyz")[0] == 200
+    for name in components(st):
+        p = procs.get(name) if procs is not None else recorded(name)
+        out[f"process {name}"] = p is not None and p.alive()
     return out
 
 
-def wait_healthy(st: dict, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def ensure_running(procs: dict[str, proc.Proc]) -> None:
+    for p in procs.values():
+        if not p.alive():
+            raise proc.StartError(p.name, p.exit_reason(), p.log)
+
+
+def wait_healthy(st: dict, procs: dict[str, proc.Proc], deadline: float) -> None:
     while True:
-        result = checks(st)
+        ensure_running(procs)
+        result = checks(st, procs)
         if all(result.values()):
             return
-        dead = [k for k, v in result.items() if k.startswith("process ") and not v]
-        if dead or time.monotonic() > deadline:
-            failing = [k for k, v in result.items() if not v]
-            raise SystemExit(f"local cluster not healthy: {failing}; see {LOCAL / 'logs'}")
+        if time.monotonic() > deadline:
+            name = next(CHECK_COMPONENT.get(k, k) for k, v in result.items() if not v)
+            failing = ", ".join(k for k, v in result.items() if not v)
+            raise proc.StartError(name, f"not healthy in time (failing: {failing})", LOCAL / "logs" / f"{name}.log")
         time.sleep(0.25)
 
 
-def wait_for(name: str, probe, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(p: proc.Proc, probe, deadline: float) -> None:
     while not probe():
-        if running_pid(name) is None:
-            raise SystemExit(f"{name} exited; see {LOCAL / 'logs' / (name + '.log')}")
+        if not p.alive():
+            raise proc.StartError(p.name, p.exit_reason(), p.log)
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {name}; see {LOCAL / 'logs'}")
-        time.sleep(0.2)
+            raise proc.StartError(p.name, "not ready in time", p.log)
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- commands
 
+ATTEMPTS = 2
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    if (LOCAL / "state.json").exists():
-        st = load_state(fresh_ports=False)
-        if all(checks(st).values()):
-            log(f"already up ({time.monotonic() - started:.1f}s); KUBECONFIG={LOCAL / 'kubeconfig'}")
-            return 0
+    initialised = (LOCAL / "pki" / "ca.crt").exists()
+    if args.kueue:
+        save_state({**load_state(), "kueue": True})
+    if initialised and all(checks(load_state()).values()):
+        log(f"already up ({time.monotonic() - started:.1f}s); KUBECONFIG={LOCAL / 'kubeconfig'}")
+        return 0
     cmd_down(argparse.Namespace(purge=False, quiet=True))
     if not os.environ.get("KUBEBUILDER_ASSETS") or not all(
             (Path(os.environ["KUBEBUILDER_ASSETS"]) / b).is_file() for b in build_binaries.BINARIES):
         subprocess.run([sys.executable, str(Path(__file__).parent / "build_binaries.py")], check=True)
-    st = load_state(fresh_ports=True)
+    st = load_state()
+    if st.get("kueue"):
+        subprocess.run([sys.executable, str(Path(__file__).parent / "build_binaries.py"), "--kueue"], check=True)
     pki.ensure(LOCAL / "pki", st, NODE_NAME)
-    pki.write_kubeconfigs(LOCAL, st)
-    write_s3_env(st)
-    for attempt in (1, 2):
+    write_client_files(st)
+    # A signal to `up` itself must not leave half a stack behind.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
+    for attempt in range(1, ATTEMPTS + 1):
+        procs: dict[str, proc.Proc] = {}
         try:
-            start_components(st)
-            wait_healthy(st, timeout=args.timeout)
-            break
-        except SystemExit as e:
-            if attempt == 2:
-                raise
-            log(f"{e}; retrying once")
-            cmd_down(argparse.Namespace(purge=False, quiet=True))
-            st = load_state(fresh_ports=True)
-            pki.write_kubeconfigs(LOCAL, st)
-            write_s3_env(st)
-    log(f"up in {time.monotonic() - started:.1f}s")
-    log(f"export KUBECONFIG={LOCAL / 'kubeconfig'}; set -a; . {LOCAL / 's3.env'}; set +a")
-    return 0
+            start_components(st, procs, time.monotonic() + args.timeout)
+            wait_healthy(st, procs, time.monotonic() + args.timeout)
+            if st.get("kueue"):
+                apply_sample_queues(time.monotonic() + args.timeout)
+        except proc.StartError as e:
+            log(f"attempt {attempt}/{ATTEMPTS}: {e}")
+            stop_all(procs)
+            if attempt == ATTEMPTS:
+                raise SystemExit(f"local cluster did not start: {e}\nnothing was left running") from None
+            continue
+        except BaseException:
+            stop_all(procs)
+            raise
+        log(f"up in {time.monotonic() - started:.1f}s")
+        log(f"export KUBECONFIG={LOCAL / 'kubeconfig'}; set -a; . {LOCAL / 's3.env'}; set +a")
+        return 0
+    return 1
 
 
-def start_components(st: dict) -> None:
-    spawn("etcd", etcd_argv(st))
-    spawn("s3", s3_argv(st))
-    wait_for("etcd", lambda: _get(f"http://127.0.0.1:{st['ports']['etcd']}/health")[0] == 200)
-    spawn("kube-apiserver", apiserver_argv(st))
-    api = f"https://127.0.0.1:{st['ports']['apiserver']}"
-    wait_for("kube-apiserver", lambda: _get(f"{api}/readyz", st["admin_token"])[0] == 200)
-    spawn("kube-controller-manager", controller_manager_argv(st))
-    env = dict(os.environ, LORA_CLUSTER_APISERVER_PORT=str(st["ports"]["apiserver"]))
-    spawn("podrunner", podrunner_argv(st), env=env, marker="podrunner.py")
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def start_components(st: dict, procs: dict[str, proc.Proc], deadline: float) -> None:
+    def start(name: str, argv, env: dict | None = None) -> proc.Proc:
+        claim_ports(st, name)
+        p = procs[name] = proc.spawn(name, argv(st), LOCAL / "pids", LOCAL / "logs", LOCAL, env)
+        log(f"started {name} (pid {p.pid}), log: {p.log}")
+        return p
+
+    etcd = start("etcd", etcd_argv)
+    start("s3", s3_argv)
+    wait_for(etcd, lambda: _get(f"http://127.0.0.1:{st['ports']['etcd']}/health")[0] == 200, deadline)
+    api = start("kube-apiserver", apiserver_argv)
+    url = f"https://127.0.0.1:{st['ports']['apiserver']}/readyz"
+    wait_for(api, lambda: _get(url, st["admin_token"])[0] == 200, deadline)
+    start("kube-controller-manager", controller_manager_argv)
+    start("podrunner", podrunner_argv, env=podrunner_env(st))
+    if st.get("kueue"):
+        claim_ports(st, "kueue")
+        install_kueue(st)
+        start("kueue", kueue_argv, env=dict(os.environ, KUBECONFIG=str(LOCAL / "kubeconfig")))
+
+
+# ---------------------------------------------------------------- Kueue (hack/localcluster_kueue.py)
+
+def kubectl(*args: str, input: str | None = None, timeout: float = 120) -> None:
+    cmd = [find_binary("kubectl"), f"--kubeconfig={LOCAL / 'kubeconfig'}", *args]
+    done = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode:
+        raise proc.StartError("kueue", f"kubectl {' '.join(args[:3])} failed: {done.stderr.strip()[-2000:]}")
+
+
+def install_kueue(st: dict) -> None:
+    kueue.install(LOCAL, st["ports"], build_binaries.kueue_source(), kubectl)
+
+
+def kueue_argv(st: dict) -> list[str]:
+    return [str(build_binaries.kueue_bin()), signature("kueue")]
+
+
+def apply_sample_queues(deadline: float) -> None:
+    kueue.apply_with_retry(kubectl, REPO / "examples" / "kueue" / "queues.yaml", deadline, proc.StartError)
+
+
+def stop_all(procs: dict[str, proc.Proc]) -> None:
+    """Stop what this attempt started, newest first, each with its whole process group."""
+    for name in reversed(COMPONENTS + OPTIONAL):
+        if name in procs:
+            procs[name].stop(STOP_TIMEOUT.get(name, 10.0), log=log)
+            (LOCAL / "pids" / f"{name}.pid").unlink(missing_ok=True)
+            log(f"stopped {name} (pid {procs[name].pid})")
 
 
 def write_s3_env(st: dict) -> None:
@@ -358,11 +432,42 @@ def read_s3_env(path: Path | None = None) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
+def stop_recorded() -> list[str]:
+    """Stop each component its pid file names; returns the problems (survivors)."""
+    problems = []
+    for name in reversed(COMPONENTS + OPTIONAL):
+        p = recorded(name)
+        if p is not None and p.ours():
+            try:
+                p.stop(STOP_TIMEOUT.get(name, 10.0), log=log)
+                log(f"stopped {name} (pid {p.pid})")
+            except RuntimeError as e:
+                problems.append(str(e))
+        (LOCAL / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    return problems
+
+
+def stop_pod_processes() -> None:
+    """Pod processes the runner did not stop (it was killed): each pod container's pid file was
+    written right after its process started, so a pid whose start time does not match is not ours."""
+    for pid_path in (LOCAL / "pods").glob("*/*.pid"):
+        try:
+            pid = int(pid_path.read_text())
+        except (OSError, ValueError):
+            continue
+        began = proc.started_at(pid)
+        if began is not None and abs(began - pid_path.stat().st_mtime) < 5.0:
+            proc.stop_leftovers([pid], log=log)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    for name in reversed(COMPONENTS):
-        stop(name)
+    problems = stop_recorded()
+    stop_pod_processes()
+    leftovers = proc.with_argument({signature(name) for name in COMPONENTS + OPTIONAL})
+    if leftovers:  # e.g. started by an `up` whose pid files were lost or overwritten
+        proc.stop_leftovers(leftovers, log=log)
     if args.purge:
-        for sub in ("etcd", "s3", "pods", "pvcs", "pki", "logs", "pids", "sessions"):
+        for sub in ("etcd", "s3", "pods", "pvcs", "pki", "logs", "pids", "sessions", "kueue"):
             shutil.rmtree(LOCAL / sub, ignore_errors=True)
         for f in ("state.json", "kubeconfig", "kube-controller-manager.kubeconfig", "s3.env",
                   "s3-identities.json"):
@@ -370,6 +475,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         log(f"purged {LOCAL}")
     elif not getattr(args, "quiet", False):
         log("down")
+    if problems:
+        raise SystemExit("down: " + "; ".join(problems))
     return 0
 
 
@@ -377,7 +484,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not (LOCAL / "state.json").exists():
         print("not initialised (run: python hack/localcluster.py up)")
         return 1
-    st = load_state(fresh_ports=False)
+    st = load_state()
     result = checks(st)
     for name, ok in result.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
@@ -402,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the local cluster (no-op when already healthy)")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+    up.add_argument("--kueue", action="store_true",
+                    help="also install and run Kueue (hack/localcluster_kueue.py); stays on for later `up`s")
     up.set_defaults(func=locked(cmd_up))
     down = sub.add_parser("down", help="stop the local cluster")
     down.add_argument("--purge", action="store_true", help="also delete its state in .local/")

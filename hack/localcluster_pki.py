@@ -76,3 +76,17 @@ def write_kubeconfigs(local: Path, state: dict) -> None:
         path = local / name
         path.write_text(kubeconfig(server, ca, user, token))
         path.chmod(0o600)
+
+
+def serving_cert(pki: Path, name: str, sans: list[str]) -> tuple[Path, Path]:
+    """A TLS serving certificate signed by the local CA (``<name>.crt`` / ``<name>.key``), made once."""
+    crt, key = pki / f"{name}.crt", pki / f"{name}.key"
+    if not crt.exists():
+        (pki / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=pki)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", crt.name, "-days", "3650", "-extfile", f"{name}.ext", cwd=pki)
+    return crt, key

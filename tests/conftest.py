@@ -71,19 +71,21 @@ def _kubectl_path() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def cluster() -> LocalCluster:
+def local_cluster(local: Path, *up_args: str):
+    """Start (or join) the stack in ``local``; stop it when the last pytest session using it ends,
+    if a session started it. A generator for fixtures: yields a LocalCluster."""
+    env = {**os.environ, "LORA_LOCAL_DIR": str(local)}
     cmd = [sys.executable, str(LOCALCLUSTER)]
-    was_up = subprocess.run([*cmd, "status"], capture_output=True, check=False).returncode == 0
-    subprocess.run([*cmd, "up"], check=True)
-    sessions = LOCAL / "sessions"  # concurrent pytest sessions share one cluster
+    was_up = subprocess.run([*cmd, "status"], capture_output=True, check=False, env=env).returncode == 0
+    subprocess.run([*cmd, "up", *up_args], check=True, env=env)
+    sessions = local / "sessions"  # concurrent pytest sessions share one cluster
     sessions.mkdir(exist_ok=True)
     me = sessions / str(os.getpid())
     me.touch()
     if not was_up:
         (sessions / "owned").touch()  # started by tests: the last session out stops it
-    s3 = _read_env_file(LOCAL / "s3.env")
-    yield LocalCluster(kubeconfig=str(LOCAL / "kubeconfig"), s3_endpoint=s3["S3_ENDPOINT"],
+    s3 = _read_env_file(local / "s3.env")
+    yield LocalCluster(kubeconfig=str(local / "kubeconfig"), s3_endpoint=s3["S3_ENDPOINT"],
                        s3_access_key=s3["AWS_ACCESS_KEY_ID"], s3_secret_key=s3["AWS_SECRET_ACCESS_KEY"],
                        kubectl_bin=_kubectl_path())
     me.unlink(missing_ok=True)
@@ -91,7 +93,18 @@ def cluster() -> LocalCluster:
     owned = sessions / "owned"
     if owned.exists() and not others and os.environ.get("LORA_KEEP_CLUSTER") != "1":
         owned.unlink(missing_ok=True)
-        subprocess.run([*cmd, "down"], check=False)
+        subprocess.run([*cmd, "down"], check=False, env=env)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> LocalCluster:
+    yield from local_cluster(LOCAL)
+
+
+@pytest.fixture(scope="session")
+def kueue_cluster() -> LocalCluster:
+    """A second stack, with real Kueue (`up --kueue`), so `cluster` stays without it."""
+    yield from local_cluster(LOCAL / "kueue-stack", "--kueue")
 
 
 @pytest.fixture

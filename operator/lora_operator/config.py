@@ -21,6 +21,11 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
                                     the operator's OWN (read-only is enough) credentials for reading
                                     progress.json; when unset, the operator reads the job's
                                     spec.storage.secretName Secret (needs `get secrets`)  [objectStore.*]
+  LORA_CHANNEL_ROOT                 s3://bucket/prefix under which LoRAAdapterChannel pointers live
+                                    (<root>/<namespace>/<channel>/current.json); written with the
+                                    operator's own credentials, which then need write access to this
+                                    prefix (and only to it). Unset: channels report
+                                    ChannelRootNotConfigured  [channels.root]
   LORA_READ_JOB_SECRETS             false: never read job Secrets (then grant no `get secrets`;
                                     without own credentials progress.json is read anonymously)
   LORA_PROGRESS_INTERVAL            seconds between two progress.json reads per job (default 30)
@@ -53,7 +58,11 @@ Role per namespace is enough for the namespaced rows, plus the cluster-scoped CR
   ""                 secrets                    get    only when LORA_S3_ACCESS_KEY_ID is unset
   ""                 namespaces                 list watch             (kopf, with --all-namespaces)
   apiextensions.k8s.io customresourcedefinitions  list watch         (kopf's resource scanning)
+  kueue.x-k8s.io     workloads                  list patch             (Kueue's reasons; spec.active on suspend)
   API discovery (`/apis`, Kueue detection) is open to every authenticated user.
+  training.lora.dev  loraadapterchannels        get list watch patch
+  training.lora.dev  loraadapterchannels/status get patch
+  ""                 configmaps                 update                 (the vLLM LoRA syncer ConfigMap)
 tests/operator/test_operator_cluster.py runs the operator under exactly these rules.
 
 Retention: the operator adds no finalizer. Deleting a LoRATrainingJob deletes its Jobs, Pods,
@@ -74,14 +83,18 @@ RBAC_RULES: tuple[dict, ...] = (
     {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/status"], "verbs": ["get", "patch"]},
     # blockOwnerDeletion on children needs this where OwnerReferencesPermissionEnforcement is on
     {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["training.lora.dev"], "resources": ["loraadapterchannels"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["training.lora.dev"], "resources": ["loraadapterchannels/status"], "verbs": ["get", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["update"]},  # only syncer ConfigMaps it made
     {"apiGroups": [""], "resources": ["resourcequotas"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # drop with LORA_S3_ACCESS_KEY_ID set
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
 )
 
 
@@ -141,6 +154,7 @@ class OperatorConfig:
     watch_timeout: float = 60.0
     request_timeout: float = 30.0
     namespaces: tuple[str, ...] = ()
+    channel_root: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -173,4 +187,15 @@ class OperatorConfig:
             watch_timeout=_float(env, "LORA_WATCH_TIMEOUT", 60.0),
             request_timeout=_float(env, "LORA_REQUEST_TIMEOUT", 30.0),
             namespaces=_list(_get(env, "LORA_NAMESPACES", "LORA_WATCH_NAMESPACES")),
+            channel_root=_channel_root(env.get("LORA_CHANNEL_ROOT", "")),
         )
+
+
+def _channel_root(raw: str) -> str | None:
+    root = raw.strip().rstrip("/")
+    if not root:
+        return None
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    if not root.startswith("s3://") or not bucket or not prefix:
+        raise ValueError(f"LORA_CHANNEL_ROOT: expected s3://bucket/prefix, got {raw!r}")
+    return root

@@ -55,7 +55,7 @@ def test_crd_declares_short_name_status_subresource_and_printer_columns():
     assert doc["spec"]["names"]["shortNames"] == ["ltj"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Eval", "Workers",
-                                                                         "Age"]
+                                                                         "Admission", "Age"]
 
 
 def test_spec_reference_doc_is_fresh():

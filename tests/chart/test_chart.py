@@ -55,8 +55,10 @@ def test_should_pass_helm_lint_strict(helm, set_args, values):
     ({"operator": {"logFormat": "text"}}, "logFormat"),
     ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
     ({"policy": {"maxGpusPerJob": -1}}, "maxGpusPerJob"),
+    ({"channels": {"root": "s3://platform"}}, "root"),
     ({"imagee": {}}, "imagee"),
-], ids=["two replicas", "unknown log format", "invalid namespace", "negative GPU limit", "typo key"])
+], ids=["two replicas", "unknown log format", "invalid namespace", "negative GPU limit", "bucket as channel root",
+        "typo key"])
 def test_should_reject_invalid_values_through_the_schema(helm, set_args, values, complaint):
     proc = helm.run("template", "rel", str(CHART), *set_args(values), check=False)
     assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
@@ -231,3 +233,12 @@ def test_should_create_credentials_only_from_explicit_values(render):
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
     ref = {e["name"]: e for e in container(docs)["env"]}["LORA_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": secret["metadata"]["name"], "key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_should_pass_the_channel_root_to_the_operator(render):
+    env = {e["name"]: e["value"] for e in container(render(channels={"root": "s3://platform/channels"}))["env"]
+           if "value" in e}
+    assert env["LORA_CHANNEL_ROOT"] == "s3://platform/channels"
+    assert config.OperatorConfig.from_env(env).channel_root == "s3://platform/channels"
+    with pytest.raises(ValueError, match="LORA_CHANNEL_ROOT"):
+        config.OperatorConfig.from_env({"LORA_CHANNEL_ROOT": "s3://platform"})  # a bucket root is not a prefix

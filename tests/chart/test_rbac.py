@@ -18,6 +18,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "lora-operator"
 RELEASE = "ltj"
 FULLNAME = f"{RELEASE}-lora-operator"  # the ServiceAccount and the namespaced RBAC objects
 LTJ = "loratrainingjobs.training.lora.dev"
+LAC = "loraadapterchannels.training.lora.dev"
 
 
 class Installed:
@@ -92,11 +93,13 @@ def test_should_let_the_cluster_wide_operator_do_its_work_and_nothing_more(clust
         ("list", "resourcequotas", anywhere, ""), ("create", "configmaps", anywhere, ""),
         ("get", "secrets", anywhere, ""),
         ("watch", "namespaces", None, ""), ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, ""),
+        ("watch", LAC, None, ""), ("patch", LAC, anywhere, "status"), ("update", "configmaps", anywhere, ""),
     ]
     denied = [
         ("create", "pods", anywhere, ""), ("delete", "jobs.batch", anywhere, ""),
         ("delete", LTJ, anywhere, ""), ("update", LTJ, anywhere, "status"),
-        ("list", "secrets", anywhere, ""),
+        ("list", "secrets", anywhere, ""), ("delete", LAC, anywhere, ""), ("create", LAC, anywhere, ""),
+        ("delete", "configmaps", anywhere, ""),
         *[(verb, resource, None, "") for verb, resource in ALWAYS_DENIED],
     ]
     _expect(release, allowed, denied)
@@ -110,12 +113,13 @@ def test_should_confine_the_namespaced_operator_to_its_watched_namespaces(cluste
         ("create", "jobs.batch", watched, ""), ("patch", LTJ, watched, "status"),
         ("create", "events", watched, ""), ("list", "pods", watched, ""), ("list", "resourcequotas", watched, ""),
         ("get", "secrets", watched, ""), ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, ""),
+        ("patch", LAC, watched, "status"), ("update", "configmaps", watched, ""),
     ]
     denied = [
         ("create", "jobs.batch", other, ""), ("get", "secrets", other, ""), ("list", "pods", other, ""),
         ("create", "jobs.batch", namespace, ""), ("get", "secrets", namespace, ""),
         ("watch", "jobs.batch", None, ""), ("list", "namespaces", None, ""), ("create", "pods", watched, ""),
-        ("list", "secrets", watched, ""),
+        ("list", "secrets", watched, ""), ("update", "configmaps", other, ""), ("patch", LAC, other, "status"),
         *[(verb, resource, None, "") for verb, resource in ALWAYS_DENIED],
     ]
     _expect(release, allowed, denied)

@@ -105,7 +105,22 @@ def test_should_parse_the_demo_job_manifest(job):
     assert spec.dataset.format == "chat" and spec.dataset.packing
     assert spec.resources.gpus == 0 and spec.output.format == "both"
     assert spec.evaluation.regression_dataset is not None
-    assert spec.training.max_steps > 0
+
+
+def test_should_train_with_the_guides_qlora_recipe(job):
+    spec = parse_manifest(job)
+    assert spec.quantization == "nf4" and spec.double_quant
+    assert (spec.lora.rank, spec.lora.effective_alpha) == (16, 32)
+    assert set(spec.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert spec.training.epochs == 2 and spec.training.max_steps == 0
+
+
+def test_should_checkpoint_at_every_held_out_evaluation(job):
+    # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks NF4 weights for inference at an eval-mode forward;
+    # only saving the adapter (state_dict) unpacks them, and training on packed weights gets wrong
+    # gradients. Checkpointing at every evaluation keeps the demo's CPU QLoRA correct.
+    t = parse_manifest(job).training
+    assert t.eval_every_steps % t.checkpoint_every_steps == 0
 
 
 def test_should_check_the_tone_with_the_patterns_the_data_is_built_from(job):

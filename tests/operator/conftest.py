@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ltj_cluster import ROOT, Operator
 from overrides import with_overrides
 
 from lora_operator.api import parse_spec
@@ -38,3 +40,48 @@ def owner():
     return Owner(name="demo", namespace="team-a", uid="11111111-2222-3333-4444-555555555555",
                  labels={"team": "support"},
                  annotations={"kubectl.kubernetes.io/last-applied-configuration": "{...}", "note": "kept"})
+
+
+# ---- the operator against a real control plane (helpers: tests/ltj_cluster.py)
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    path = ROOT / "crds" / "training.lora.dev_loratrainingjobs.yaml"
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/loratrainingjobs.training.lora.dev")
+
+
+@pytest.fixture
+def api(cluster):
+    from kubernetes import client
+
+    api_client = cluster.api_client()
+    return {"custom": client.CustomObjectsApi(api_client), "batch": client.BatchV1Api(api_client),
+            "core": client.CoreV1Api(api_client)}
+
+
+@pytest.fixture
+def operator_factory(cluster, namespace, crd, tmp_path):
+    started = []
+
+    def start(**env):
+        op = Operator(cluster, namespace, tmp_path / "operator.log", **env).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+    log = tmp_path / "operator.log"
+    if log.exists():
+        print(log.read_text()[-5000:])
+
+
+@pytest.fixture
+def storage(cluster, namespace, s3, api, make_spec_dict):
+    """The job's bucket and the Secret the trainer (and the operator) read credentials from."""
+    s3.client.make_bucket(s3.bucket)
+    api["core"].create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": cluster.s3_access_key, "AWS_SECRET_ACCESS_KEY": cluster.s3_secret_key}})
+    return SimpleNamespace(client=s3.client, bucket=s3.bucket, spec_dict=make_spec_dict)

@@ -21,7 +21,7 @@ CASES = {
     "single-node": {"resources.gpus": 1, "resources.cpu": "8", "resources.memory": "64Gi"},
     "multi-node-indexed": {"resources.gpus": 4, "resources.nodes": 2},
     "cpu-only": {"resources.gpus": 0},
-    "kueue-queue": {"queueName": "team-a-gpus"},
+    "kueue-queue": {"queueName": "team-a-gpus", "resources.priorityClassName": "training-high"},
     "tolerations-node-selector": {
         "resources.nodeSelector": {"nvidia.com/gpu.product": "H100"},
         "resources.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

@@ -6,29 +6,15 @@ from the last checkpoint; a pod that never starts ends the attempt at the rendez
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ltj_cluster import apply, get, wait_for, wait_phase
 
 HACK = Path(__file__).resolve().parents[2] / "hack"
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# The cluster fixtures and helpers live in test_operator_cluster.py (--import-mode=importlib cannot import a
-# sibling test module by name); binding them here makes pytest use them for this module too.
-oc = _load("operator_cluster_fixtures", Path(__file__).with_name("test_operator_cluster.py"))
-api, crd, operator_factory, storage = oc.api, oc.crd, oc.operator_factory, oc.storage
-apply, get, wait_for, wait_phase = oc.apply, oc.get, oc.wait_for, oc.wait_phase
 sys.path.insert(0, str(HACK))
 from podrunner_dns import isolation_available  # noqa: E402
 from podrunner_pod import kill_marked  # noqa: E402

@@ -7,146 +7,28 @@ intervals, so a test can restart it or give it its own policy.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from ltj_cluster import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    _free_port,
+    _running_pod,
+    _wait_step,
+    apply,
+    conditions,
+    get,
+    jobs,
+    wait_for,
+    wait_phase,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
-
-ROOT = Path(__file__).resolve().parents[2]
-FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
-GROUP, VERSION, PLURAL = "training.lora.dev", "v1alpha1", "loratrainingjobs"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster):
-    path = ROOT / "crds" / "training.lora.dev_loratrainingjobs.yaml"
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/loratrainingjobs.training.lora.dev")
-
-
-@pytest.fixture
-def api(cluster):
-    from kubernetes import client
-
-    api_client = cluster.api_client()
-    return {"custom": client.CustomObjectsApi(api_client), "batch": client.BatchV1Api(api_client),
-            "core": client.CoreV1Api(api_client)}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Operator:
-    def __init__(self, cluster, namespace: str, log_path: Path, **env: str):
-        self.port = _free_port()
-        self.env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "LORA_S3_ENDPOINT": cluster.s3_endpoint,
-                    "LORA_TRAINER_COMMAND": f"{sys.executable} {FAKE_TRAINER} run",
-                    "LORA_RESYNC_INTERVAL": "2", "LORA_PROGRESS_INTERVAL": "1", "LORA_METRICS_PORT": "0",
-                    "LORA_TERMINATION_GRACE_SECONDS": "10", "LORA_WATCH_TIMEOUT": "30",
-                    "LORA_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.port}/healthz", **env}
-        self.namespace, self.log_path, self.proc = namespace, log_path, None
-
-    def start(self) -> Operator:
-        with open(self.log_path, "a") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "lora_operator", "--namespace", self.namespace],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, f"operator exited:\n{self.log_path.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
-                return self
-            except OSError:
-                assert time.monotonic() < deadline, "operator liveness endpoint never came up"
-                time.sleep(0.2)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def operator_factory(cluster, namespace, crd, tmp_path):
-    started = []
-
-    def start(**env):
-        op = Operator(cluster, namespace, tmp_path / "operator.log", **env).start()
-        started.append(op)
-        return op
-
-    yield start
-    for op in started:
-        op.stop()
-    log = tmp_path / "operator.log"
-    if log.exists():
-        print(log.read_text()[-5000:])
-
-
-@pytest.fixture
-def storage(cluster, namespace, s3, api, make_spec_dict):
-    """The job's bucket and the Secret the trainer (and the operator) read credentials from."""
-    s3.client.make_bucket(s3.bucket)
-    api["core"].create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3-credentials"},
-        "stringData": {"AWS_ACCESS_KEY_ID": cluster.s3_access_key, "AWS_SECRET_ACCESS_KEY": cluster.s3_secret_key}})
-    return SimpleNamespace(client=s3.client, bucket=s3.bucket, spec_dict=make_spec_dict)
-
-
-def apply(api, namespace, storage, name="demo", annotations=None, **overrides):
-    overrides.setdefault("output.uri", f"s3://{storage.bucket}/{name}")
-    overrides.setdefault("resources.gpus", 1)
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob",
-            "metadata": {"name": name, "annotations": annotations or {}}, "spec": storage.spec_dict(**overrides)}
-    return api["custom"].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-
-def get(api, namespace, name="demo"):
-    return api["custom"].get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def wait_for(fn, timeout=60, what="condition"):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
-
-
-def wait_phase(api, namespace, phase, name="demo", timeout=60):
-    def check():
-        status = get(api, namespace, name).get("status") or {}
-        return status if status.get("phase") == phase else None
-    try:
-        return wait_for(check, timeout, f"phase {phase}")
-    except AssertionError:
-        raise AssertionError(f"phase {phase} not reached; status: {get(api, namespace, name).get('status')}") from None
-
-
-def conditions(status):
-    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
-
-
-def jobs(api, namespace):
-    return sorted(j.metadata.name for j in api["batch"].list_namespaced_job(namespace).items)
 
 
 def test_should_train_to_succeeded_with_status_from_progress_json(cluster, namespace, api, storage, operator_factory):
@@ -221,18 +103,6 @@ def test_should_fail_after_max_retries(namespace, api, storage, operator_factory
     status = wait_phase(api, namespace, "Failed")
     assert conditions(status)["Failed"] == ("True", "BackoffLimitExceeded")
     assert [a["exitCode"] for a in status["attempts"]] == [1, 1]
-
-
-def _running_pod(api, namespace, job_name):
-    def find():
-        pods = api["core"].list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
-        return next((p for p in pods.items if p.status.phase == "Running"), None)
-    return wait_for(find, 30, f"a running pod of {job_name}")
-
-
-def _wait_step(api, namespace, step):
-    return wait_for(lambda: ((get(api, namespace).get("status") or {}).get("progress") or {}).get("step", 0) >= step,
-                    30, f"step {step}")
 
 
 def test_should_resume_in_a_new_attempt_when_the_pod_is_lost(namespace, api, storage, operator_factory):
@@ -316,41 +186,6 @@ def test_should_leave_children_to_the_garbage_collector_on_delete(namespace, api
     wait_for(lambda: jobs(api, namespace) == [] and not api["core"].list_namespaced_config_map(
         namespace, label_selector="app.kubernetes.io/managed-by=lora-operator").items, 60, "children gone")
     wait_for(lambda: not api["core"].list_namespaced_pod(namespace).items, 60, "pods gone")
-
-
-KUEUE_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "localqueues.kueue.x-k8s.io"},
-    "spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
-             "names": {"kind": "LocalQueue", "plural": "localqueues", "singular": "localqueue"},
-             "versions": [{"name": "v1beta1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
-
-
-@pytest.fixture
-def fake_kueue(cluster):
-    """Only the API group, so the operator believes Kueue is installed; the test plays Kueue."""
-    import yaml
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(KUEUE_CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/localqueues.kueue.x-k8s.io")
-    yield
-    cluster.kubectl("delete", "crd", "localqueues.kueue.x-k8s.io", "--wait=false", check=False)
-
-
-def test_should_queue_a_suspended_job_for_kueue_and_run_once_admitted(namespace, api, storage, fake_kueue,
-                                                                      operator_factory):
-    operator_factory()
-    apply(api, namespace, storage, queueName="team-gpus", annotations={"fake-trainer/steps": "2"})
-    status = wait_phase(api, namespace, "Queued", timeout=30)
-    assert conditions(status)["Admitted"] == ("False", "Queued")
-    job = api["batch"].read_namespaced_job("demo-a1", namespace)
-    assert job.spec.suspend is True and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-gpus"
-    time.sleep(2.5)  # a resync later the operator must still leave the Job to Kueue
-    assert api["batch"].read_namespaced_job("demo-a1", namespace).spec.suspend is True
-    api["batch"].patch_namespaced_job("demo-a1", namespace, {"spec": {"suspend": False}})  # "Kueue admits"
-    status = wait_phase(api, namespace, "Succeeded", timeout=60)
-    assert conditions(status)["Admitted"] == ("True", "AdmittedByKueue")
 
 
 def _trainer_cli_ready() -> bool:

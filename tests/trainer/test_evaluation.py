@@ -171,3 +171,64 @@ def test_impossible_threshold_fails_with_one_reason_per_threshold(w):
     assert len(report.gate.reasons) == 2
     assert report.gate.reasons[0].startswith("evalLoss: ") and report.gate.reasons[0].endswith(" vs <= 0.0001")
     assert report.gate.reasons[1] == "checks.json: 0.0000 vs >= 0.5000"
+
+
+# --- the champion: the adapter a channel serves, scored as a third column ---------------------------
+
+CHAMPION_GATE = {"champion": {"channel": "production"}}
+
+
+@pytest.fixture(scope="module")
+def weak(w):
+    return world.train_adapter(w["base"], w["root"] / "weak" / "adapter", steps=3)
+
+
+@pytest.mark.slow
+def test_should_score_the_champion_on_the_same_tokens_and_pass_a_better_adapter(w, weak):
+    from lora_trainer.evaluation.scoring import evaluate
+
+    gate = {**CHAMPION_GATE, "checks": [{"name": "greeting", "type": "mustMatch", "pattern": f"^{world.GREETING}"}]}
+    gate["champion"]["maxPassRateDrop"] = 1.0  # this test is about losses; the check is the third column
+    report = evaluate(world.make_spec(w["root"], gate=gate), w["base"], w["adapter"], w["records"], w["tokenizer"],
+                      champion_dir=weak, champion={"channel": "production", "runId": "run-weak"})
+    champ = report.champion
+    print(f"\nheld-out loss: base {report.base.loss:.3f}, champion {champ['loss']['loss']:.3f}, "
+          f"adapter {report.adapter.loss:.3f}")
+    assert champ["runId"] == "run-weak" and champ["loss"]["tokens"] == report.adapter.tokens
+    assert report.adapter.loss < champ["loss"]["loss"] and report.gate.passed, report.gate.reasons
+    rows = {r["name"]: r for r in report.gate.results}
+    assert rows["evalLoss"]["champion"] == champ["loss"]["loss"] and "champion" in rows["checks.greeting"]
+    assert rows["championLoss"]["passed"] and report.generations[0]["champion"] is not None
+    assert report.to_dict()["champion"]["checks"] == {"greeting": rows["checks.greeting"]["champion"]}
+
+
+@pytest.mark.slow
+def test_should_refuse_an_adapter_worse_than_the_champion(w, weak):
+    from lora_trainer.evaluation.scoring import evaluate
+
+    report = evaluate(world.make_spec(w["root"], gate=dict(CHAMPION_GATE)), w["base"], weak, w["records"],
+                      w["tokenizer"], champion_dir=w["adapter"], champion={"channel": "production"})
+    assert not report.gate.passed
+    (reason,) = report.gate.reasons
+    assert reason.startswith("championLoss: ")
+
+
+@pytest.mark.slow
+def test_should_score_the_champion_exactly_like_the_adapter_when_they_are_the_same(w):
+    from lora_trainer.evaluation.scoring import evaluate
+
+    report = evaluate(world.make_spec(w["root"], gate=dict(CHAMPION_GATE)), w["base"], w["adapter"], w["records"],
+                      w["tokenizer"], champion_dir=w["adapter"], champion={"channel": "production"})
+    assert report.champion["loss"]["loss"] == report.adapter.loss and report.gate.passed
+
+
+@pytest.mark.slow
+def test_should_report_no_champion_when_the_channel_serves_nothing(w):
+    from lora_trainer.evaluation.scoring import evaluate
+
+    missing = {"channel": "production", "missing": "channel production serves no adapter yet"}
+    report = evaluate(world.make_spec(w["root"], gate=dict(CHAMPION_GATE)), w["base"], w["adapter"], w["records"],
+                      w["tokenizer"], champion=missing)
+    assert report.gate.passed and report.champion == missing
+    row = next(r for r in report.gate.results if r["name"] == "champion")
+    assert row["threshold"] == missing["missing"] and row["passed"] is True

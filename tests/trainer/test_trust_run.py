@@ -226,7 +226,7 @@ def test_a_nan_loss_stops_training_with_its_own_exit_code_and_strict_json(make_j
     cfg, store = make_job(n_train=12, **{**SHORT, "training.batchSize": 1})
     real = LoRARecipe._sum_ce
     monkeypatch.setattr(LoRARecipe, "_sum_ce",
-                        lambda self, batch: real(self, batch) * (math.nan if self.step >= 1 else 1.0))
+                        lambda self, batch, *a: real(self, batch, *a) * (math.nan if self.step >= 1 else 1.0))
     assert _run(cfg, store, tmp_path, ALL) == DIVERGED_EXIT_CODE
     progress = _progress(store)  # strict: a bare NaN token fails here
     assert progress["state"] == "Failed" and "non-finite loss" in progress["error"] and "step 2" in progress["error"]

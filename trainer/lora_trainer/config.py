@@ -27,6 +27,8 @@ class Job:
     name: str = "local"
     namespace: str = "default"
     uid: str = ""  # metadata.uid when run by the operator; recorded in the job identity
+    champion: Optional[dict] = None
+    "The champion the operator resolved for spec.evaluation.gate.champion ({channel, runId, adapter} or {channel, missing})."
 
 
 def load_job(path: Path | str) -> Job:
@@ -39,8 +41,9 @@ def load_job(path: Path | str) -> Job:
         raise SpecError("config", f"{path} is not a YAML mapping")
     if obj.get("kind") == KIND:
         meta = obj.get("metadata") or {}
+        champion = obj.get("champion") if isinstance(obj.get("champion"), dict) else None
         return Job(parse_manifest(obj), meta.get("name", "local"), meta.get("namespace", "default"),
-                   str(meta.get("uid") or ""))
+                   uid=str(meta.get("uid") or ""), champion=champion)
     return Job(parse_spec(obj))
 
 

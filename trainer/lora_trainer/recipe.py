@@ -232,7 +232,7 @@ class LoRARecipe:
         """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            return sum_ce(self.model if model is None else model, batch.model_inputs(), batch.labels)
+            return sum_ce(model if model is not None else self.model, batch.model_inputs(), batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -319,18 +319,20 @@ class LoRARecipe:
 
     @torch.no_grad()
     def _heldout_loss(self) -> float:
-        """Mean cross-entropy over all target tokens of the held-out rows (all ranks)."""
+        """Mean cross-entropy over all target tokens of the held-out rows (all ranks).
+
+        Ranks may hold different numbers of rows (rows[rank::world], and fitting may drop some),
+        so forwards go through the unwrapped model: a DDP forward is a collective (it broadcasts
+        buffers) and uneven calls would hang. Only the sums are all-reduced."""
         self.model.eval()
+        model = self.acc.unwrap_model(self.model)
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
         mine = rows[rank::world]
-        # Not through DDP: its forward is a collective (buffer broadcast), and ranks may hold
-        # different numbers of held-out batches; a rank with one more would wait forever.
-        plain = self.acc.unwrap_model(self.model)
         total = count = 0.0
         for i in range(0, len(mine), bs):
             batch = self._batch(mine[i:i + bs])
-            total += float(self._sum_ce(batch, plain))
+            total += float(self._sum_ce(batch, model))
             count += batch.n_targets
         self.model.train()
         return self._all_sum(total) / max(self._all_sum(count), 1.0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -263,7 +264,8 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
     tokenizer = load_tokenizer(ctx.base_dir)
     report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
                               regression_records=regression, max_seq_length=ctx.max_seq_length,
-                              checkpoint_step=ctx.checkpoint.step)
+                              checkpoint_step=ctx.checkpoint.step, champion_dir=_fetch_champion(ctx),
+                              champion=ctx.job.champion)
     scoring.write_eval_json(ctx.output_store, ctx.output_key, report)
     if ctx.progress:
         ctx.progress.update(eval=scoring.progress_eval(report), datasetHashes=ctx.dataset_hashes)
@@ -275,6 +277,26 @@ def require_verdict(report) -> None:
     gate = getattr(report, "gate", None)
     if gate is None or getattr(gate, "passed", None) is not True:
         raise NoVerdict("evaluation returned no passed gate verdict; nothing is published")
+
+
+CHAMPION_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all PEFT needs; no pickles
+
+
+def _fetch_champion(ctx: StageContext) -> Optional[Path]:
+    """Download the champion adapter the operator resolved (spec.evaluation.gate.champion); None
+    when the gate names no channel or the channel serves nothing comparable. Only the config and
+    the safetensors weights are fetched, so nothing in that prefix is ever unpickled. A champion
+    that was resolved but cannot be read fails the attempt: no gate on missing evidence."""
+    adapter = (ctx.job.champion or {}).get("adapter")
+    if ctx.spec.evaluation.gate.champion is None or not adapter:
+        return None
+    store, key = storage.open_uri(adapter, **ctx.runtime.store_kwargs(ctx.job))
+    local = ctx.runtime.work_dir / "champion"
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    for name in CHAMPION_FILES:
+        (local / name).write_bytes(store.get_bytes(storage.join(key, name)))
+    return local
 
 
 def gate_passed(report: scoring.EvalReport) -> bool:

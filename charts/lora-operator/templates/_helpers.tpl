@@ -84,8 +84,10 @@ lora_operator.config.RBAC_RULES (tests/chart/test_chart.py keeps the two equal):
 - ConfigMaps and Services (job config, headless Service of multi-node jobs): get and create;
 - Pods and ResourceQuotas: list only (failure reasons; GPU quota check); never create;
 - Events: create (the operator's and kopf's, core v1);
-- Secrets: `get` by name only, and only with "lora-operator.readJobSecrets".
-Kueue is detected through API discovery, which every authenticated user may read.
+- Secrets: `get` by name only, and only with "lora-operator.readJobSecrets";
+- Kueue Workloads: list (Kueue's reason a job waits or was preempted), patch (spec.active=false
+  releases the quota of a suspended job). Kueue is detected through API discovery, which every
+  authenticated user may read.
 */}}
 {{- define "lora-operator.namespacedRules" -}}
 - apiGroups: ["training.lora.dev"]
@@ -97,18 +99,31 @@ Kueue is detected through API discovery, which every authenticated user may read
 - apiGroups: ["training.lora.dev"]
   resources: ["loratrainingjobs/finalizers"]
   verbs: ["update"]
+- apiGroups: ["training.lora.dev"]
+  resources: ["loraadapterchannels"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["training.lora.dev"]
+  resources: ["loraadapterchannels/status"]
+  verbs: ["get", "patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create"]
+{{- /* the vLLM LoRA syncer ConfigMaps of channels; the operator replaces only ones it created */}}
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods", "resourcequotas"]
   verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- if include "lora-operator.readJobSecrets" . }}
 - apiGroups: [""]
   resources: ["secrets"]

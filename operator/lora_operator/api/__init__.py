@@ -1,6 +1,15 @@
 """Typed API of `training.lora.dev/v1alpha1` (pydantic only: no kopf, kubernetes or torch)."""
 
 from .base import ApiModel, Rule, SpecError
+from .channel import (
+    CHANNEL_KIND,
+    CHANNEL_PLURAL,
+    ChannelPointer,
+    LoRAAdapterChannelSpec,
+    LoRAAdapterChannelStatus,
+    PromotionRecord,
+    VLLMSyncerSpec,
+)
 from .resource import (
     API_VERSION,
     GROUP,
@@ -16,6 +25,7 @@ from .spec import (
     ALL_LINEAR,
     MUTABLE_SPEC_FIELDS,
     BaseModelRef,
+    ChampionGate,
     DatasetSpec,
     EvaluationSpec,
     GateSpec,

@@ -1,6 +1,7 @@
 """Generate the CustomResourceDefinition from the pydantic models.
 
-`python -m lora_operator.api.crd > crds/training.lora.dev_loratrainingjobs.yaml` (`make crds`).
+`python -m lora_operator.api.crd > crds/training.lora.dev_loratrainingjobs.yaml` and
+`python -m lora_operator.api.crd channels > crds/training.lora.dev_loraadapterchannels.yaml` (`make crds`).
 pydantic's JSON Schema is turned into a Kubernetes *structural* schema: `$ref`s inlined, optional
 fields as plain properties (no `anyOf` with null), OpenAPI v3.0 bounds (`exclusiveMinimum: true`),
 defaults kept so the API server fills them, and each model's `Rule`s emitted as CEL.
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from . import channel as ch
 from . import resource as r
 from .base import ApiModel
 from .spec import MUTABLE_SPEC_FIELDS, LoRATrainingJobSpec
@@ -141,33 +143,55 @@ def _immutability_rules(spec_schema: dict[str, Any]) -> list[dict[str, str]]:
 def build_crd() -> dict[str, Any]:
     spec = model_schema(LoRATrainingJobSpec)
     spec.setdefault("x-kubernetes-validations", []).extend(_immutability_rules(spec))
-    spec["description"] = LoRATrainingJobSpec.__doc__
-    status = model_schema(LoRATrainingJobStatus, fill_defaults=False)  # only the operator writes it
-    status["x-kubernetes-preserve-unknown-fields"] = True
-    status["description"] = LoRATrainingJobStatus.__doc__
     columns = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
         {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.verdict"},
         {"name": "Workers", "type": "string", "jsonPath": ".status.workers.summary", "priority": 1},
+        # why a job waits (Kueue's own reason, a ResourceQuota, ...) or which Job runs it
+        {"name": "Admission", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Admitted")].message'},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
+    names = {"kind": r.KIND, "plural": r.PLURAL, "singular": r.SINGULAR, "shortNames": list(r.SHORT_NAMES),
+             "categories": ["lora", "training"]}
+    return _crd(names, spec, LoRATrainingJobSpec, LoRATrainingJobStatus, columns,
+                "A LoRA/QLoRA fine-tuning run: train, evaluate, gate, publish.")
+
+
+def build_channel_crd() -> dict[str, Any]:
+    """Every spec field of a channel may change: changing jobName is how one promotes and rolls back."""
+    columns = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Wants", "type": "string", "jsonPath": ".spec.jobName"},
+        {"name": "Live", "type": "string", "jsonPath": ".status.live.jobName"},
+        {"name": "Run", "type": "string", "jsonPath": ".status.live.runId", "priority": 1},
+        {"name": "Replaced", "type": "string", "jsonPath": ".status.previous.jobName"},
+        {"name": "Promoted", "type": "date", "jsonPath": ".status.live.promotedAt"},
+    ]
+    names = {"kind": ch.CHANNEL_KIND, "plural": ch.CHANNEL_PLURAL, "singular": ch.CHANNEL_SINGULAR,
+             "shortNames": list(ch.CHANNEL_SHORT_NAMES), "categories": ["lora"]}
+    return _crd(names, model_schema(ch.LoRAAdapterChannelSpec), ch.LoRAAdapterChannelSpec,
+                ch.LoRAAdapterChannelStatus, columns,
+                "A serving channel: which LoRATrainingJob's adapter is live, and what it replaced.")
+
+
+def _crd(names: dict[str, Any], spec: dict[str, Any], spec_model: type[ApiModel], status_model: type[ApiModel],
+         columns: list[dict[str, Any]], description: str) -> dict[str, Any]:
+    spec["description"] = spec_model.__doc__
+    status = model_schema(status_model, fill_defaults=False)  # only the operator writes it
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    status["description"] = status_model.__doc__
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{r.PLURAL}.{r.GROUP}"},
+        "metadata": {"name": f"{names['plural']}.{r.GROUP}"},
         "spec": {
             "group": r.GROUP,
             "scope": "Namespaced",
-            "names": {
-                "kind": r.KIND,
-                "listKind": f"{r.KIND}List",
-                "plural": r.PLURAL,
-                "singular": r.SINGULAR,
-                "shortNames": list(r.SHORT_NAMES),
-                "categories": ["lora", "training"],
-            },
+            "names": {"kind": names["kind"], "listKind": f"{names['kind']}List", "plural": names["plural"],
+                      "singular": names["singular"], "shortNames": names["shortNames"],
+                      "categories": names["categories"]},
             "versions": [{
                 "name": r.VERSION,
                 "served": True,
@@ -176,7 +200,7 @@ def build_crd() -> dict[str, Any]:
                 "additionalPrinterColumns": columns,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": "A LoRA/QLoRA fine-tuning run: train, evaluate, gate, publish.",
+                    "description": description,
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},
@@ -191,9 +215,11 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def render() -> str:
+def render(which: str = "jobs") -> str:
+    """`jobs` (default): the LoRATrainingJob CRD; `channels`: the LoRAAdapterChannel CRD."""
     header = "# Generated by `make crds` from operator/lora_operator/api. Do not edit.\n"
-    return header + yaml.dump(build_crd(), Dumper=_NoAliases, sort_keys=False, width=100)
+    crd = {"jobs": build_crd, "channels": build_channel_crd}[which]()
+    return header + yaml.dump(crd, Dumper=_NoAliases, sort_keys=False, width=100)
 
 
 class _NoAliases(yaml.SafeDumper):
@@ -204,4 +230,4 @@ class _NoAliases(yaml.SafeDumper):
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    sys.stdout.write(render(*sys.argv[1:2]))

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from .crd import build_crd
+from .crd import build_channel_crd, build_crd
 
 
 def _type_of(node: dict[str, Any]) -> str:
@@ -64,7 +64,23 @@ def render() -> str:
                 lines.append(f"- `{path}`: {rule['message']} (`{rule['rule']}`)")
         for name, prop in node.get("properties", {}).items():
             stack.append((f"{path}.{name}", prop.get("items", prop) if prop.get("type") == "array" else prop))
+    lines += _channel_section()
     return "\n".join(lines) + "\n"
+
+
+def _channel_section() -> list[str]:
+    schema = build_channel_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return [
+        "",
+        "# LoRAAdapterChannel spec reference",
+        "",
+        "Every field may change: changing `spec.jobName` promotes, changing it back rolls back "
+        "(see [promotion.md](promotion.md)).",
+        "",
+        "| field | type | bounds / default | description |",
+        "|---|---|---|---|",
+        *_rows(schema, "spec", set(schema.get("required", []))),
+    ]
 
 
 if __name__ == "__main__":

@@ -240,6 +240,25 @@ class GenerationCheck(ApiModel):
     )
 
 
+class ChampionGate(ApiModel):
+    """Compare with the adapter a LoRAAdapterChannel serves now (the champion), on the same data."""
+
+    channel: str = Field(
+        min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="LoRAAdapterChannel in the job's namespace whose live adapter is the champion. The "
+        "trainer then scores base, champion and new adapter on the same held-out and regression data. "
+        "A channel with nothing live on the job's base revision means no champion (reported, not failed).")
+    max_loss_increase: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Maximum relative held-out loss increase over the champion; 0 = no worse than the champion.")
+    max_regression_loss_increase: float = Field(
+        default=0.0, ge=0, le=10,
+        description="Maximum relative loss increase over the champion on regressionDataset (when set).")
+    max_pass_rate_drop: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Maximum drop of each generation check's pass rate below the champion's (absolute).")
+
+
 class GateSpec(ApiModel):
     """Thresholds an adapter must meet to be published. No thresholds: passes, and says so."""
 
@@ -254,6 +273,9 @@ class GateSpec(ApiModel):
     )
     checks: list[GenerationCheck] = Field(
         default_factory=list, max_length=32, description="Generation checks with pass-rate thresholds."
+    )
+    champion: Optional[ChampionGate] = Field(
+        default=None, description="Also require no worse than the adapter a channel serves now."
     )
 
 
@@ -367,7 +389,9 @@ class ResourcesSpec(ApiModel):
         default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
     )
     priority_class_name: Optional[str] = Field(
-        default=None, max_length=253, description="PriorityClass of the pods."
+        default=None, max_length=253,
+        description="PriorityClass of the pods; with a queue (Kueue) the name of a WorkloadPriorityClass, "
+        "set as the Job's kueue.x-k8s.io/priority-class label (pods then get no priorityClassName).",
     )
 
 

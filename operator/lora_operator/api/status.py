@@ -56,11 +56,12 @@ class Checkpoints(ApiModel):
 
 
 class CheckResult(ApiModel):
-    """Base vs adapter on one metric."""
+    """Base vs adapter (and champion, when the gate names a channel) on one metric."""
 
     name: str = Field(description="Check or metric name.")
     base: Optional[float] = Field(default=None, description="Base model value.")
     adapter: Optional[float] = Field(default=None, description="Adapter value.")
+    champion: Optional[float] = Field(default=None, description="Value of the channel's live adapter, if compared.")
     threshold: Optional[str] = Field(default=None, description="Threshold from the gate, as text.")
     passed: Optional[bool] = Field(default=None, description="Whether the adapter met the threshold.")
 
@@ -96,6 +97,14 @@ class Attempt(ApiModel):
         default=None, description="Multi-node: node rank (completion index) of the pod that failed first."
     )
     failed_pod: Optional[str] = Field(default=None, description="Multi-node: the pod that failed first.")
+    preemptions: Optional[int] = Field(
+        default=None, description="Times Kueue preempted this attempt (the trainer checkpointed; not a failure).")
+    last_preempted_at: Optional[str] = Field(default=None, description="When Kueue last evicted it.")
+    preempted_at_step: Optional[int] = Field(default=None, description="Step reached at the last preemption.")
+    resume_from_step: Optional[int] = Field(
+        default=None, description="Step of the checkpoint the last preemption resumes from.")
+    steps_redone: Optional[int] = Field(
+        default=None, description="Optimizer steps trained again after preemptions: time lost to preemption.")
 
 
 class Workers(ApiModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -11,8 +12,10 @@ from .names import CONFIG_FILE, configmap_name, labels
 from .owner import Owner, trainer_annotations
 
 
-def trainer_manifest(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None) -> dict[str, Any]:
-    """The LoRATrainingJob as the trainer should see it: every default filled in."""
+def trainer_manifest(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None,
+                     champion: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The LoRATrainingJob as the trainer should see it: every default filled in, plus the champion
+    the operator resolved for spec.evaluation.gate.champion (outside spec: it is not user input)."""
     resolved = spec.model_copy(deep=True)
     resolved.image = image
     if endpoint and not resolved.storage.endpoint:
@@ -23,11 +26,15 @@ def trainer_manifest(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, end
     annotations = trainer_annotations(owner.annotations)
     if annotations:
         metadata["annotations"] = annotations
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": resolved.to_wire()}
+    manifest = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": resolved.to_wire()}
+    if champion is not None:
+        manifest["champion"] = dict(champion)
+    return manifest
 
 
-def build_configmap(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None) -> dict[str, Any]:
-    manifest = trainer_manifest(owner, spec, image=image, endpoint=endpoint)
+def build_configmap(owner: Owner, spec: LoRATrainingJobSpec, *, image: str, endpoint: str | None,
+                    champion: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    manifest = trainer_manifest(owner, spec, image=image, endpoint=endpoint, champion=champion)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

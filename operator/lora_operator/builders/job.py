@@ -11,6 +11,7 @@ from .names import (
     CONFIG_FILE,
     CONFIG_PATH,
     LABEL_ATTEMPT,
+    PRIORITY_LABEL,
     QUEUE_LABEL,
     configmap_name,
     job_name,
@@ -45,11 +46,13 @@ def build_job(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> dic
     meta_labels = {**labels(owner.name, "trainer"), LABEL_ATTEMPT: str(params.attempt)}
     if params.queue_name:
         meta_labels[QUEUE_LABEL] = params.queue_name
+        if spec.resources.priority_class_name:  # Kueue's WorkloadPriorityClass orders and preempts
+            meta_labels[PRIORITY_LABEL] = spec.resources.priority_class_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries itself, so every attempt is recorded
         "suspend": bool(params.queue_name) or spec.suspend,
         "template": {
-            "metadata": {"labels": {k: v for k, v in meta_labels.items() if k != QUEUE_LABEL}},
+            "metadata": {"labels": {k: v for k, v in meta_labels.items() if k not in (QUEUE_LABEL, PRIORITY_LABEL)}},
             "spec": _pod_spec(owner, spec, params, name),
         },
     }
@@ -92,7 +95,9 @@ def _pod_spec(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams, name: 
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if res.priority_class_name:
+    # Under Kueue the name is a WorkloadPriorityClass (the Job's label); a pod priorityClassName
+    # naming no PriorityClass would stop the Job controller from creating the pods.
+    if res.priority_class_name and not params.queue_name:
         pod["priorityClassName"] = res.priority_class_name
     if res.nodes > 1:
         pod["subdomain"] = service_name(owner.name)

@@ -16,6 +16,7 @@ MANAGED_BY = "lora-operator"
 LABEL_JOB = f"{GROUP}/job"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # names a WorkloadPriorityClass
 CONFIG_DIR = "/etc/lora"
 CONFIG_FILE = "job.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"

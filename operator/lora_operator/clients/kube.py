@@ -14,10 +14,14 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, PLURAL, VERSION
+from ..api.channel import CHANNEL_PLURAL
 
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MERGE = "application/merge-patch+json"
+# Kueue's storage version: read without its conversion webhook, so even while Kueue is down.
+WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -73,6 +77,48 @@ class KubeClient:
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
             _content_type=MERGE, _request_timeout=self.timeout)
 
+    # LoRAAdapterChannels
+    def get_channel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_custom(CHANNEL_PLURAL, namespace, name)
+
+    def list_channels(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        return self._list_custom(CHANNEL_PLURAL, tuple(namespaces))
+
+    def patch_channel_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CHANNEL_PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE, _request_timeout=self.timeout)
+
+    def _get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _list_custom(self, plural: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        if not namespaces:
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)["items"]
+        items: list[dict[str, Any]] = []
+        for ns in namespaces:
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural)["items"]
+        return items
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def replace_configmap(self, manifest: Mapping[str, Any], resource_version: str) -> dict[str, Any]:
+        """Replace with the resourceVersion read: a concurrent writer makes this fail (409), not vanish."""
+        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": resource_version}}
+        meta = body["metadata"]
+        return self._call(self.core.replace_namespaced_config_map, meta["name"], meta["namespace"], body)
+
     # Children
     def list_jobs(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         return self._call(self.batch.list_namespaced_job, namespace, label_selector=_selector(labels))["items"]
@@ -99,6 +145,25 @@ class KubeClient:
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         return self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+
+    # Kueue
+    def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        """The Workload Kueue keeps for a Job (None when there is none, or no Kueue)."""
+        group, version, plural = WORKLOADS
+        try:
+            items = self._call(self.custom.list_namespaced_custom_object, group, version, namespace, plural,
+                               label_selector=f"{JOB_UID_LABEL}={job_uid}")["items"]
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return max(items, key=lambda w: w["metadata"].get("creationTimestamp") or "", default=None)
+
+    def patch_workload_active(self, namespace: str, name: str, active: bool, annotations: Mapping[str, Any]) -> dict:
+        group, version, plural = WORKLOADS
+        body = {"metadata": {"annotations": dict(annotations)}, "spec": {"active": active}}
+        return self._call(self.custom.patch_namespaced_custom_object, group, version, namespace, plural, name, body,
+                          _content_type=MERGE)
 
     def list_quotas(self, namespace: str) -> list[dict[str, Any]]:
         return self._call(self.core.list_namespaced_resource_quota, namespace)["items"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from io import BytesIO
 from typing import Any
 from urllib.parse import urlparse
 
@@ -66,3 +67,59 @@ class ProgressStore:
             log.warning("cannot read s3://%s/%s: %s", bucket, key, type(exc).__name__)
             return None
         return data if isinstance(data, dict) else None
+
+    def get_json(self, endpoint: str, uri: str, access_key: str | None, secret_key: str | None,
+                 max_bytes: int = 1 << 20) -> Any:
+        """A small JSON object at an s3:// URI; None when it does not exist.
+
+        Raises StorageError when it exists but cannot be read, is larger than max_bytes or is not
+        JSON: a caller must not take "unreadable" for "absent" (it would overwrite a pointer).
+        """
+        bucket, key = _bucket_key(uri)
+        client = self._client(endpoint, access_key, secret_key)
+        try:
+            size = client.stat_object(bucket, key).size
+            if size is not None and size > max_bytes:
+                raise StorageError(f"{uri}: {size} bytes, more than {max_bytes}")
+            response = client.get_object(bucket, key)
+            try:
+                data = response.read(max_bytes + 1)
+            finally:
+                response.close()
+                response.release_conn()
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return None
+            raise StorageError(f"{uri}: {exc.code}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise StorageError(f"{uri}: {type(exc).__name__}") from None
+        if len(data) > max_bytes:
+            raise StorageError(f"{uri}: more than {max_bytes} bytes")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise StorageError(f"{uri}: not JSON") from None
+
+    def put_json(self, endpoint: str, uri: str, document: Any, access_key: str | None,
+                 secret_key: str | None) -> None:
+        """One PUT: S3 makes a single object visible whole or not at all, never half-written."""
+        bucket, key = _bucket_key(uri)
+        body = json.dumps(document, indent=1, sort_keys=True).encode()
+        try:
+            self._client(endpoint, access_key, secret_key).put_object(
+                bucket, key, BytesIO(body), len(body), content_type="application/json")
+        except S3Error as exc:
+            raise StorageError(f"{uri}: {exc.code}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise StorageError(f"{uri}: {type(exc).__name__}") from None
+
+
+class StorageError(RuntimeError):
+    """Object storage answered, but not with what we need (the message names the URI, no secrets)."""
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    location = split_s3_uri(uri)
+    if location is None or not location[1]:
+        raise StorageError(f"{uri}: not an s3://bucket/key URI")
+    return location

@@ -8,6 +8,7 @@ import os
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
+from ..api.channel import CHANNEL_PLURAL
 from ..builders import MANAGED_BY
 from ..config import OperatorConfig
 from .runtime import Runtime
@@ -53,3 +54,11 @@ def child_job_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     """React at once when a trainer Job changes instead of waiting for the next resync."""
     if body.get("metadata", {}).get("ownerReferences"):
         memo.runtime.reconcile_owner_of({"metadata": dict(body["metadata"])})
+
+
+@kopf.on.resume(GROUP, VERSION, CHANNEL_PLURAL, backoff=5)
+@kopf.on.create(GROUP, VERSION, CHANNEL_PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, CHANNEL_PLURAL, field="spec", backoff=5)
+def reconcile_channel(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    """Promote (or roll back to) the job a channel names; the resync loop retries what must wait."""
+    memo.runtime.reconcile_channel(namespace, name)

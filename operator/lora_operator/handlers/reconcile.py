@@ -30,10 +30,12 @@ from ..clients.storage import ProgressStore
 from ..config import OperatorConfig
 from ..observability.metrics import Metrics
 from ..status import (
+    DEACTIVATED_BY,
     OWNED_FIELDS,
     Blocked,
     JobView,
     Observed,
+    WorkloadView,
     attempt_events,
     check_kueue,
     check_policy,
@@ -48,7 +50,9 @@ from ..status import (
     resolve_queue,
     running_elsewhere,
     transition_events,
+    workload_view,
 )
+from ..status.channel import resolve_champion
 
 log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
@@ -93,10 +97,13 @@ class Reconciler:
         queue = resolve_queue(spec, self.config)
         raw = [j for j in self.kube.list_jobs(owner.namespace, selector_labels(owner.name)) if _owned_by(j, owner.uid)]
         jobs = [self._view(owner, job, prev) for job in raw]
+        workload = self._workload(owner, raw) if queue else None
         decision = plan(jobs, prev.get("attempts") or (), suspend=spec.suspend,
-                        max_retries=spec.max_retries, kueue_managed=bool(queue))
+                        max_retries=spec.max_retries, kueue_managed=bool(queue), workload=workload)
         if decision.suspend_job is not None:
             jobs = self._set_suspend(owner, jobs, decision.suspend_job)
+        if decision.workload_active is not None and workload is not None:
+            workload = self._set_workload_active(owner, workload, decision.workload_active)
         blocked: Blocked | None = None
         if decision.start_attempt:
             blocked = self._admission(owner, spec, queue)
@@ -105,7 +112,7 @@ class Reconciler:
         progress = self._read_progress(owner, spec, jobs)
         return self._write(body, Observed(
             generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
-            jobs=tuple(jobs), blocked=blocked, progress=progress))
+            jobs=tuple(jobs), blocked=blocked, progress=progress, workload=workload))
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[LoRATrainingJobSpec | None, tuple[str, str] | None]:
         try:
@@ -128,6 +135,21 @@ class Reconciler:
         patched = job_view(self.kube.patch_job_suspend(owner.namespace, current.name, suspend))
         return [patched if j.name == current.name else j for j in jobs]
 
+    def _workload(self, owner: Owner, raw: list[dict[str, Any]]) -> WorkloadView | None:
+        """Kueue's Workload of the live (unfinished) Job, if any."""
+        live = [j for j in raw if job_view(j).outcome is None]
+        if not live:
+            return None
+        current = max(live, key=lambda j: job_view(j).attempt)
+        found = self.kube.get_workload(owner.namespace, current["metadata"]["uid"])
+        return workload_view(found) if found else None
+
+    def _set_workload_active(self, owner: Owner, workload: WorkloadView, active: bool) -> WorkloadView:
+        log.info("%s Kueue Workload %s/%s", "reactivating" if active else "deactivating", owner.namespace, workload.name)
+        marker = None if active else MANAGED_BY  # reactivate later only what we deactivated
+        return workload_view(self.kube.patch_workload_active(owner.namespace, workload.name, active,
+                                                             {DEACTIVATED_BY: marker}))
+
     def _admission(self, owner: Owner, spec: LoRATrainingJobSpec, queue: str | None) -> Blocked | None:
         if queue:
             blocked = check_kueue(queue, self.kube.has_api_group(KUEUE_GROUP))
@@ -144,7 +166,8 @@ class Reconciler:
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
-        self.kube.create(build_configmap(owner, spec, image=image, endpoint=endpoint))
+        self.kube.create(build_configmap(owner, spec, image=image, endpoint=endpoint,
+                                         champion=self._champion(owner, spec)))
         if spec.resources.nodes > 1:
             self.kube.create(build_service(owner))
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
@@ -159,6 +182,14 @@ class Reconciler:
             self.metrics.observe_between(self.metrics.job_created, body["metadata"].get("creationTimestamp"),
                                          job["metadata"].get("creationTimestamp"))
         return job_view(job)
+
+    def _champion(self, owner: Owner, spec: LoRATrainingJobSpec) -> dict[str, Any] | None:
+        """Resolved once, when the first attempt's ConfigMap is made; later attempts reuse it."""
+        gate = spec.evaluation.gate.champion
+        if gate is None:
+            return None
+        body = self.kube.get_channel(owner.namespace, gate.channel)
+        return resolve_champion(gate.channel, body, spec.base_model.revision)
 
     def _read_progress(self, owner: Owner, spec: LoRATrainingJobSpec, jobs: list[JobView]) -> dict | None:
         """progress.json, at most once per LORA_PROGRESS_INTERVAL, always when an attempt ended."""

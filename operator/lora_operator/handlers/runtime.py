@@ -8,10 +8,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..api import KIND
+from ..api.channel import CHANNEL_KIND
 from ..clients.kube import KubeClient
 from ..clients.storage import ProgressStore
 from ..config import OperatorConfig
 from ..observability.metrics import Metrics
+from .channel import ChannelReconciler
 from .reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,9 @@ class Runtime:
         self.namespaces = tuple(namespaces)
         self.kube = kube or KubeClient(timeout=config.request_timeout)
         self.metrics = Metrics()
-        self.reconciler = Reconciler(config, self.kube, ProgressStore(), self.metrics)
+        store = ProgressStore()
+        self.reconciler = Reconciler(config, self.kube, store, self.metrics)
+        self.channels = ChannelReconciler(config, self.kube, store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -40,6 +44,13 @@ class Runtime:
             self.reconciler.reconcile(namespace, name)
         except Exception:
             self.metrics.reconcile_errors.labels(kind=KIND).inc()
+            raise
+
+    def reconcile_channel(self, namespace: str, name: str) -> None:
+        try:
+            self.channels.reconcile(namespace, name)
+        except Exception:
+            self.metrics.reconcile_errors.labels(kind=CHANNEL_KIND).inc()
             raise
 
     def reconcile_owner_of(self, child: Mapping[str, Any]) -> None:
@@ -66,3 +77,18 @@ class Runtime:
                 except Exception:
                     log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
             self.metrics.forget_except({i["metadata"]["uid"] for i in items})
+            self._resync_channels()
+
+    def _resync_channels(self) -> None:
+        """Channels wait for their job to finish and retry storage errors: one pass each per resync."""
+        try:
+            channels = self.kube.list_channels(self.namespaces)
+        except Exception as exc:  # e.g. the channel CRD is not installed (an older chart)
+            log.warning("resync: cannot list LoRAAdapterChannels: %s", exc)
+            return
+        for item in channels:
+            meta = item["metadata"]
+            try:
+                self.reconcile_channel(meta["namespace"], meta["name"])
+            except Exception:
+                log.exception("resync of channel %s/%s failed", meta["namespace"], meta["name"])

@@ -21,3 +21,6 @@ __all__ = [
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",
     "transition_events",
 ]
+from .workload import DEACTIVATED_BY, WorkloadView, workload_view
+
+__all__ += ["DEACTIVATED_BY", "WorkloadView", "workload_view"]

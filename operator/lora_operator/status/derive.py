@@ -20,6 +20,7 @@ from . import conditions as c
 from .attempts import describe_failure, final_failure_reason, merge_attempts
 from .observed import Observed
 from .progress import carried_fields
+from .workload import kueue_held, record_preemption
 
 RUNNING_STATES = {"Preparing": c.PREPARING, "Training": c.TRAINING, "Evaluating": c.EVALUATING,
                   "Exporting": c.EXPORTING}
@@ -36,6 +37,7 @@ def derive_status(obs: Observed) -> dict[str, Any]:
     prev = dict(obs.previous or {})
     carried = carried_fields(prev, obs.progress)
     attempts = merge_attempts(prev.get("attempts") or (), obs.jobs)
+    attempts = record_preemption(attempts, obs.current.attempt if obs.current else None, obs.workload, obs.progress)
     core = _core_conditions(obs, attempts, carried)
     conditions = c.merge_conditions(prev.get("conditions"), _with_kstatus(core),
                                     now=obs.now, generation=obs.generation)
@@ -147,6 +149,8 @@ def _admission(obs: Observed, attempts: list[dict[str, Any]]) -> tuple[dict, dic
     not_suspended = c.condition(c.SUSPENDED, c.FALSE, c.NOT_SUSPENDED)
     if obs.suspend:
         msg = "spec.suspend is true; the trainer checkpointed and stopped" if live else "spec.suspend is true"
+        if obs.workload and not obs.workload.active:
+            msg += f"; Kueue Workload {obs.workload.name} deactivated, its quota released"
         return (c.condition(c.ADMITTED, c.TRUE if live else c.FALSE, c.JOB_CREATED if live else c.NOT_STARTED),
                 c.condition(c.SUSPENDED, c.TRUE, c.SUSPENDED_BY_USER, msg),
                 c.condition(c.RUNNING, c.FALSE, c.SUSPENDED_BY_USER, msg))
@@ -156,9 +160,7 @@ def _admission(obs: Observed, attempts: list[dict[str, Any]]) -> tuple[dict, dic
             return (c.condition(c.ADMITTED, c.FALSE, obs.blocked.reason, obs.blocked.message), not_suspended, waiting)
         return c.condition(c.ADMITTED, c.UNKNOWN, c.NOT_STARTED), not_suspended, waiting
     if live.suspended:
-        msg = f"waiting for Kueue to admit the workload in queue {obs.queue_name}"
-        return (c.condition(c.ADMITTED, c.FALSE, c.QUEUED, msg), c.condition(c.SUSPENDED, c.TRUE, c.QUEUED, msg),
-                c.condition(c.RUNNING, c.FALSE, c.QUEUED, msg))
+        return kueue_held(obs.queue_name, live.name, obs.workload)
     return _admitted(obs), not_suspended, _running(obs, live)
 
 
@@ -223,7 +225,7 @@ def phase_of(conditions) -> str:
     if c.is_true(conditions, c.SUCCEEDED):
         return "Succeeded"
     suspended = c.find(conditions, c.SUSPENDED) or {}
-    if suspended.get("status") == c.TRUE and suspended.get("reason") == c.SUSPENDED_BY_USER:
+    if suspended.get("status") == c.TRUE and suspended.get("reason") in (c.SUSPENDED_BY_USER, c.PREEMPTED):
         return "Suspended"
     running = c.find(conditions, c.RUNNING) or {}
     if running.get("status") == c.TRUE:

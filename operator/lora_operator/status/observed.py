@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .workload import WorkloadView
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -57,6 +59,7 @@ class Observed:
     jobs: tuple[JobView, ...] = ()
     blocked: Blocked | None = None
     progress: Mapping[str, Any] | None = None  # progress.json, None when not read this pass
+    workload: WorkloadView | None = None  # Kueue's Workload of the live Job (Kueue-managed only)
 
     @property
     def current(self) -> JobView | None:

@@ -3,9 +3,10 @@
 Attempts: every failed attempt (non-zero exit, OOMKilled, evicted, preempted pod, deadline) counts
 against spec.maxRetries; a Job suspended by the user or by Kueue is not a failure (the Job
 controller deletes its pods, the trainer exits 143 after a checkpoint, the same Job resumes).
-Known limit: for a Kueue-managed Job, `spec.suspend: true` suspends the Job, but a real Kueue may
-re-admit it while its Workload stays active; deactivating the Workload (spec.active=false) is the
-Kueue-native way and is not done yet.
+For a Kueue-managed Job, `spec.suspend: true` deactivates its Workload (spec.active=false) instead
+of suspending the Job: Kueue would unsuspend a Job whose Workload is still admitted. Kueue then
+evicts the Workload, suspends the Job and releases the quota; resuming reactivates the Workload and
+Kueue queues it again. Only while no Workload exists yet is the Job itself suspended.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 from .attempts import final_failure_reason, merge_attempts
 from .observed import JobView
+from .workload import WorkloadView, workload_active_change
 
 
 @dataclass(frozen=True)
 class Plan:
     start_attempt: int | None = None  # create the Job of this attempt (after admission checks)
     suspend_job: bool | None = None  # patch the live Job's spec.suspend to this
+    workload_active: bool | None = None  # patch the live Job's Kueue Workload spec.active to this
 
 
 def plan(
@@ -31,12 +34,15 @@ def plan(
     suspend: bool,
     max_retries: int,
     kueue_managed: bool,
+    workload: WorkloadView | None = None,
 ) -> Plan:
     jobs = tuple(jobs)
     current = max(jobs, key=lambda j: j.attempt) if jobs else None
     if current is None:
         return Plan(start_attempt=None if suspend else 1)
     if current.outcome is None:
+        if kueue_managed and workload is not None:
+            return Plan(workload_active=workload_active_change(workload, suspend))
         return Plan(suspend_job=_suspend_change(current, suspend, kueue_managed))
     if current.outcome == "Failed" and not suspend:
         attempts = merge_attempts(previous_attempts, jobs)

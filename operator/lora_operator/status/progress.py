@@ -48,9 +48,12 @@ def _results(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
         for name, item in items:
             if isinstance(item, Mapping):
                 threshold = item.get("threshold")
-                out.append({"name": str(item.get("name") or name), "base": item.get("base"),
-                            "adapter": item.get("adapter"), "passed": item.get("passed"),
-                            "threshold": None if threshold is None else str(threshold)})
+                row = {"name": str(item.get("name") or name), "base": item.get("base"),
+                       "adapter": item.get("adapter"), "passed": item.get("passed"),
+                       "threshold": None if threshold is None else str(threshold)}
+                if isinstance(item.get("champion"), (int, float)):  # the third column, when compared
+                    row["champion"] = item["champion"]
+                out.append(row)
     for name, item in evaluation.items():  # top-level {evalLoss: {base, adapter}} style
         if isinstance(item, Mapping) and ("base" in item or "adapter" in item):
             out.append({"name": name, "base": item.get("base"), "adapter": item.get("adapter"),

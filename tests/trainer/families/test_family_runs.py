@@ -22,6 +22,7 @@ def _job(tmp_path, base, family: str):
     shapes = ("single", "system", "multi") if F.FAMILIES[family].system else ("single", "multi")
     rows = F.conversations(12, seed=3, shapes=shapes)
     (store / "data").mkdir(parents=True)
+    (store / "out").mkdir()  # the output bucket exists (preflight refuses a missing one)
     (store / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {
         "baseModel": {"uri": f"file://{base}", "revision": fingerprint_dir(base)},
@@ -52,5 +53,9 @@ def test_short_nf4_run_loads_trains_evaluates_and_exports(family_base, family, t
     meta = json.loads((out / "lora-metadata.json").read_text())
     assert meta["eval"]["merged"]["maxAbsLogitDiff"] <= meta["eval"]["merged"]["tolerance"]
     assert set(meta["lora"]["targetModules"]) == set(F.FAMILIES[family].linear)  # all-linear, fused ones too
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["data"]["maxSeqLength"] == progress["maxSeqLength"] > 0  # resolved, not the spec's 0
+    assert meta["data"]["droppedExamples"] == progress["droppedExamples"]
+    assert meta["libraries"]["bitsandbytes"] and meta["vllm"]["maxLoraRank"] == 16
+    adapter = store / progress["artifacts"]["adapter"].removeprefix("s3://")
+    config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(family_base(family))

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 from lora_operator.api import EvaluationSpec
 
+from .champion import ChampionMetrics, champion_thresholds, with_champion_column
+
 NO_THRESHOLDS = "no thresholds configured"
 
 
@@ -100,8 +102,10 @@ def _threshold(name, value, op, limit, base=None, adapter=None):
     return row, reason
 
 
-def apply_gate(evaluation: EvaluationSpec, metrics: EvalMetrics) -> GateVerdict:
-    """Check every threshold of ``evaluation.gate`` (and the regression limit) against ``metrics``."""
+def apply_gate(evaluation: EvaluationSpec, metrics: EvalMetrics, champion: Optional[ChampionMetrics] = None,
+               missing_champion: Optional[str] = None) -> GateVerdict:
+    """Check every threshold of ``evaluation.gate`` (and the regression limit) against ``metrics``,
+    and, when the gate names a channel, the new adapter against its ``champion`` (champion.py)."""
     gate = evaluation.gate
     rows: list[dict[str, Any]] = []
     reasons: list[str] = []
@@ -142,6 +146,14 @@ def apply_gate(evaluation: EvaluationSpec, metrics: EvalMetrics) -> GateVerdict:
             row["name"] = "regressionLoss"
             row["threshold"] = f"increase <= {regression.max_loss_regression:g}"
         add(row, reason)
+
+    champion_rows, champion_reasons, champion_configured = champion_thresholds(
+        gate, base_loss=metrics.base_loss, adapter_loss=metrics.adapter_loss,
+        adapter_checks={name: r.adapter for name, r in metrics.checks.items()}, regression=metrics.regression,
+        champion=champion, missing=missing_champion)
+    rows = with_champion_column(rows, champion) + champion_rows
+    reasons += champion_reasons
+    configured += champion_configured
 
     note = NO_THRESHOLDS if configured == 0 else None
     if note:

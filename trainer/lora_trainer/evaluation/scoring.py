@@ -4,7 +4,8 @@ Entry points (`run.evaluate` calls these; nothing here does storage I/O except
 `write_eval_json` and `load_regression_records`):
 
     report = evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer,
-                      regression_records=None, max_seq_length=None, checkpoint_step=None)
+                      regression_records=None, max_seq_length=None, checkpoint_step=None,
+                      champion_dir=None, champion=None)
     write_eval_json(store, output_key, report)        # <output>/eval.json, always (also when Rejected)
     progress_eval(report)                             # the dict for progress.json's `eval` key
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
@@ -19,6 +20,9 @@ Measurement rules:
   rendered as a server renders them (chatTemplateKwargs included), replies without the template's
   reasoning block (see `generation.py` for how prompts, references and checks are defined;
   `generate` below).
+- The champion (spec.evaluation.gate.champion: the adapter a channel serves) is loaded as a second
+  adapter on the same model and scored on the same tokens, samples and regression data, so base,
+  champion and adapter are three columns of one measurement.
 - On CPU everything runs in float32 (bf16 matmuls on CPU are slow and not what a GPU does);
   on CUDA in spec.computeDtype.
 """
@@ -27,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -43,12 +48,14 @@ from ..io.storage import file_sha256, join
 from ..io.strictjson import dump_bytes
 from ..model.loading import load_base
 from . import generation
+from .champion import ChampionMetrics
 from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
 
 log = logging.getLogger(__name__)
 
 TOKEN_BUDGET = 4096  # tokens per forward pass when scoring loss (bounds the fp32 logits)
 SHOWN_GENERATIONS = 3  # generations kept in eval.json for humans
+CHAMPION = "champion"  # PEFT adapter name of the champion next to the adapter under test
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,15 @@ class EvalReport:
     checkpoint_step: Optional[int] = None
     generations: list[dict[str, str]] = field(default_factory=list)
     merged: Optional[dict[str, Any]] = None  # filled by export.publish: merged-model verification
+    champion: Optional[dict[str, Any]] = None  # {channel, runId, loss, regression, checks} or {channel, missing}
+
+    def champion_metrics(self) -> Optional[ChampionMetrics]:
+        if not self.champion or "loss" not in self.champion:
+            return None
+        reg = self.champion.get("regression")
+        return ChampionMetrics(loss=self.champion["loss"]["loss"], regression_loss=reg["loss"] if reg else None,
+                               check_rates=dict(self.champion.get("checks") or {}),
+                               run_id=self.champion.get("runId"), channel=self.champion.get("channel"))
 
     def metrics(self) -> EvalMetrics:
         rates = {c["name"]: CheckRates(c["base"], c["adapter"]) for c in self.checks}
@@ -96,6 +112,7 @@ class EvalReport:
             "gate": self.gate.to_dict(),
             "merged": self.merged,
             "generations": self.generations,
+            "champion": self.champion,
         }
 
 
@@ -216,7 +233,7 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict], int]:
+def _run_checks(spec, model, tokenizer, records, champion: bool = False) -> tuple[list[dict], list[dict], int]:
     checks = spec.evaluation.gate.checks
     if not checks:
         return [], [], 0
@@ -228,10 +245,40 @@ def _run_checks(spec, model, tokenizer, records) -> tuple[list[dict], list[dict]
     with model.disable_adapter():
         base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
     adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    champion_replies = None
+    if champion:
+        with _using(model, CHAMPION):
+            champion_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
     rows = [_check_row(c, base_replies, adapter_replies, samples) for c in checks]
     shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
              for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
+    if champion_replies is not None:
+        for row, check in zip(rows, checks):
+            row["champion"] = generation.score(check, champion_replies, samples).rate
+        for item, reply in zip(shown, champion_replies):
+            item["champion"] = reply
     return rows, shown, len(samples)
+
+
+@contextmanager
+def _using(model, name: str) -> Iterator[None]:
+    """Score with adapter `name` active, then switch back to the adapter under test."""
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def _score_champion(model, champion_dir: Path, examples, reg_examples, pad_id) -> dict[str, Any]:
+    """The champion's losses, on the same model (base loaded once) and the same tokens."""
+    model.load_adapter(str(champion_dir), adapter_name=CHAMPION, is_trainable=False)
+    with _using(model, CHAMPION):
+        loss = heldout_loss(model, examples, pad_id)
+        regression = heldout_loss(model, reg_examples, pad_id) if reg_examples is not None else None
+    log.info("held-out loss: champion %.4f", loss.loss)
+    return {"loss": loss.to_dict(), "regression": regression.to_dict() if regression else None}
 
 
 def _check_row(check, base_replies, adapter_replies, samples) -> dict:
@@ -256,9 +303,11 @@ def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossRes
 
 def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dict], tokenizer, *,
              regression_records: Optional[Sequence[dict]] = None, max_seq_length: Optional[int] = None,
-             checkpoint_step: Optional[int] = None, model=None) -> EvalReport:
-    """Score base and adapter on `eval_records` (raw JSONL records of the held-out set), run the
-    generation checks and the regression data, and apply the gate.
+             checkpoint_step: Optional[int] = None, model=None, champion_dir: Optional[Path] = None,
+             champion: Optional[dict[str, Any]] = None) -> EvalReport:
+    """Score base and adapter (and the champion, when `champion_dir` holds one) on `eval_records`
+    (raw JSONL records of the held-out set), run the generation checks and the regression data, and
+    apply the gate. `champion` is the operator's resolution ({channel, runId, ...} or {channel, missing}).
 
     `model` may be an already loaded PeftModel (e.g. the recipe's, at the chosen checkpoint); by
     default the base is loaded from `base_dir` as in training and `adapter_dir` attached.
@@ -272,18 +321,23 @@ def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dic
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
     base, adapter = _base_and_adapter_loss(model, examples, pad_id)
     log.info("held-out loss: base %.4f, adapter %.4f (%d tokens)", base.loss, adapter.loss, adapter.tokens)
-    regression = None
+    regression, reg_ex = None, None
     if regression_records is not None:
         reg_ex = encode_records(regression_records, tokenizer, spec.dataset, max_seq_length)
         rb, ra = _base_and_adapter_loss(model, reg_ex, pad_id)
         regression = {"base": rb.to_dict(), "adapter": ra.to_dict(), "samples": len(reg_ex),
                       "increase": (ra.loss - rb.loss) / rb.loss if rb.loss > 0 else math.nan}
-    checks, shown, n_gen = _run_checks(spec, model, tokenizer, eval_records)
+    scored = _score_champion(model, champion_dir, examples, reg_ex, pad_id) if champion_dir else None
+    checks, shown, n_gen = _run_checks(spec, model, tokenizer, eval_records, champion=scored is not None)
+    if scored is not None:
+        scored["checks"] = {c["name"]: c["champion"] for c in checks}
     report = EvalReport(
         base=base, adapter=adapter, checks=checks, regression=regression,
         num_samples={"loss": len(examples), "generation": n_gen}, seed=spec.training.seed,
         gate=GateVerdict(True, [], []), checkpoint_step=checkpoint_step, generations=shown,
+        champion={**(champion or {}), **(scored or {})} if (champion or scored) else None,
     )
-    report.gate = apply_gate(spec.evaluation, report.metrics())
+    missing = (champion or {}).get("missing") if scored is None else None
+    report.gate = apply_gate(spec.evaluation, report.metrics(), report.champion_metrics(), missing)
     log.info("gate %s%s", report.gate.verdict, "".join(f"\n  {r}" for r in report.gate.reasons))
     return report
