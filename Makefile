@@ -62,5 +62,5 @@ helm: setup  ## build the helm binary (cached)
 demo: binaries  ## the Harbor Support demo: cluster, operator, tiny base model, train, gate, publish
 	$(PY) hack/demo.py
 
-bench: binaries  ## benchmarks: trainer vs HF Trainer baseline, checkpoint upload, operator latency
+bench: binaries  ## benchmarks: trainer vs HF Trainer, checkpoint upload, operator at N=50..2000 on simulated pods (BENCH_ARGS="--only operator")
 	$(PY) bench/run.py $(BENCH_ARGS)

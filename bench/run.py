@@ -1,8 +1,12 @@
 """`make bench`: run the CPU benchmarks, print one table, write bench/results/<name>.json.
 
-    python bench/run.py                 # trainer, upload, operator (N = 1, 50, 500)
-    python bench/run.py --quick         # operator N = 1, 50 only
+    python bench/run.py                 # trainer, upload, operator (N = 50, 500, 1000, 2000)
+    python bench/run.py --quick         # operator N = 50 only
     python bench/run.py --only trainer  # one of: trainer, upload, operator
+    python bench/run.py --only operator --sizes 50,1000 --baseline-ref 2771ff8
+                                        # the scale series, and an earlier operator at N = 1000
+
+The operator suite runs on simulated pods (hack/podrunner.py --simulate); see operator_bench.py.
 
 Every figure is a ratio against a baseline measured in the same run on the same machine, except
 the operator's latencies and RSS, whose targets are absolute. GPU figures: bench/gpu_qlora.py.
@@ -46,15 +50,22 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'figure':<44} {'ours':>10} {'baseline':>10} {'ratio':>7}  {'target':<12} met")
+    print(f"{'figure':<58} {'ours':>10} {'baseline':>10} {'ratio':>7}  {'target':<12} met")
     for r in rows:
-        print(f"{r['figure']:<44} {_fmt(r['ours']):>10} {_fmt(r['baseline']):>10} {_fmt(r['ratio']):>7}  "
+        print(f"{r['figure']:<58} {_fmt(r['ours']):>10} {_fmt(r['baseline']):>10} {_fmt(r['ratio']):>7}  "
               f"{r['target']:<12} {_fmt(r['met'])}")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="operator N = 1, 50 only")
+    parser.add_argument("--quick", action="store_true", help="operator N = 50 only")
+    parser.add_argument("--sizes", default="50,500,1000,2000", help="operator N series (comma list)")
+    parser.add_argument("--baseline-ref", help="also run this git ref's operator (before/after, same run)")
+    parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
     parser.add_argument("--only", choices=["trainer", "upload", "operator"])
     args = parser.parse_args()
     results_dir = HERE / "results"
@@ -66,7 +77,9 @@ def main() -> int:
     suites = {
         "trainer": lambda: trainer_bench.run(work / "trainer"),
         "upload": lambda: upload_bench.run(work / "upload"),
-        "operator": lambda: operator_bench.run(work / "operator", (1, 50) if args.quick else (1, 50, 500)),
+        "operator": lambda: operator_bench.run(
+            work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,
+            _sizes(args.baseline_sizes)),
     }
     rows = []
     for name, fn in suites.items():

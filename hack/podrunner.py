@@ -11,6 +11,11 @@ written through the status subresource like a kubelet would: Pending -> Running 
 Succeeded/Failed with container states, exit codes and termination messages. Deleting a pod sends
 SIGTERM to its process group, SIGKILL after the grace period, then deletes it with grace 0.
 Pods that were running under a previous runner process are marked Failed (the process is gone).
+
+With ``--simulate`` no process runs: pods move through kwok-style stages on a schedule and trainer
+pods write a stand-in trainer's progress.json to S3 (see podsim.py). With ``--selected-only`` the
+runner binds only pods whose nodeSelector names its node, so a simulated node can sit next to the
+real one (the operator benchmark runs ``--simulate --selected-only --node-name local-sim-node``).
 """
 
 from __future__ import annotations
@@ -79,8 +84,16 @@ class Api:
 
 
 class Runner:
-    def __init__(self, api: Api, node: str, work_dir: Path):
+    def __init__(self, api: Api, node: str, work_dir: Path, simulate: bool = False,
+                 selected_only: bool = False):
         self.api, self.node, self.work_dir = api, node, work_dir
+        self.selected_only = selected_only
+        self.sim = None
+        self.worker_class = PodWorker
+        if simulate:
+            import podsim
+
+            self.sim, self.worker_class = podsim.Simulation(api), podsim.SimPod
         self.bin_dir = str(Path(sys.executable).parent)  # the venv's bin dir, not resolved
         self.api_port = os.environ.get("LORA_CLUSTER_APISERVER_PORT", "")
         self.workers: dict[str, PodWorker] = {}
@@ -114,7 +127,7 @@ class Runner:
 
     def node_status(self) -> dict:
         mem_kib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
-        res = {"cpu": str(os.cpu_count() or 1), "memory": f"{mem_kib}Ki", "pods": "250",
+        res = {"cpu": str(os.cpu_count() or 1), "memory": f"{mem_kib}Ki", "pods": "250" if self.sim is None else "10000",
                "ephemeral-storage": "100Gi", "nvidia.com/gpu": GPUS}
         t = now()
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
@@ -132,8 +145,12 @@ class Runner:
     _ready_since = now()
 
     def heartbeat(self) -> None:
-        self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": self.node_status()},
-                         content_type="application/merge-patch+json")
+        node = self.api.request("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": self.node_status()},
+                                content_type="application/merge-patch+json")
+        if self.sim is not None:
+            with self.lock:
+                workers = list(self.workers.values())
+            self.sim.observe_node(node, workers)
         micro = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": self.node, "namespace": "kube-node-lease"},
@@ -199,7 +216,10 @@ class Runner:
             return False
         labels = {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux",
                   "kubernetes.io/arch": "amd64", "nvidia.com/gpu.present": "true"}
-        return all(labels.get(k) == v for k, v in (spec.get("nodeSelector") or {}).items())
+        selector = spec.get("nodeSelector") or {}
+        if self.selected_only and selector.get("kubernetes.io/hostname") != self.node:
+            return False
+        return all(labels.get(k) == v for k, v in selector.items())
 
     def bind(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -242,7 +262,7 @@ class Runner:
         if started:
             self.mark_orphan_failed(pod)
             return
-        worker = PodWorker(self, pod)
+        worker = self.worker_class(self, pod)
         with self.lock:
             self.workers[uid] = worker
         if deleting:
@@ -331,9 +351,14 @@ def main() -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--node-name", default="local-gpu-node")
     parser.add_argument("--work-dir", required=True, type=Path)
+    parser.add_argument("--simulate", action="store_true",
+                        help="run no processes: scripted pod stages and a stand-in trainer (podsim.py)")
+    parser.add_argument("--selected-only", action="store_true",
+                        help="bind only pods whose nodeSelector names this node (kubernetes.io/hostname)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(Api(args.kubeconfig), args.node_name, args.work_dir)
+    runner = Runner(Api(args.kubeconfig), args.node_name, args.work_dir, simulate=args.simulate,
+                    selected_only=args.selected_only)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -344,7 +369,7 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             done.wait(1.0)
-    runner.log(f"node {args.node_name} registered; watching pods")
+    runner.log(f"node {args.node_name} registered; watching pods{' (simulated)' if args.simulate else ''}")
     threading.Thread(target=runner.heartbeat_loop, daemon=True, name="heartbeat").start()
     threading.Thread(target=runner.watch_loop, daemon=True, name="watch").start()
     done.wait()

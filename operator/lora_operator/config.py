@@ -31,6 +31,8 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
   LORA_PROGRESS_INTERVAL            seconds between two progress.json reads per job (default 30)
                                     (alias LORA_PROGRESS_INTERVAL_S)
   LORA_RESYNC_INTERVAL              seconds between two level-based passes over all jobs (default 30)
+  LORA_WORKERS                      threads running passes queued by Job changes and the resync
+                                    (default 16; kopf's create/resume handlers have their own 32)
   LORA_TRAINER_COMMAND              trainer command; the config path is appended (default
                                     "lora-trainer run"); tests point it at a fake trainer
   LORA_TERMINATION_GRACE_SECONDS    pod grace period for the final checkpoint (default 120)
@@ -155,6 +157,7 @@ class OperatorConfig:
     request_timeout: float = 30.0
     namespaces: tuple[str, ...] = ()
     channel_root: str | None = None
+    workers: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -188,6 +191,7 @@ class OperatorConfig:
             request_timeout=_float(env, "LORA_REQUEST_TIMEOUT", 30.0),
             namespaces=_list(_get(env, "LORA_NAMESPACES", "LORA_WATCH_NAMESPACES")),
             channel_root=_channel_root(env.get("LORA_CHANNEL_ROOT", "")),
+            workers=max(1, _int(env, "LORA_WORKERS", 16)),
         )
 
 

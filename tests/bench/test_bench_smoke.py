@@ -49,3 +49,16 @@ def test_7b_estimate_fits_the_guide_only_with_chunked_ce_and_checkpointing():
     after = memory_bench.estimate_7b(4096)
     assert before["total_bytes"] > memory_bench.GUIDE_BUDGET_BYTES > after["total_bytes"]
     assert before["parts_bytes"]["logits"] > 6 * after["parts_bytes"]["logits"]
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_operator_bench_runs_jobs_to_succeeded_on_simulated_pods_and_counts_api_requests(cluster, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import operator_bench
+
+    result = operator_bench.run(tmp_path, sizes=(6,), window_s=4, idle_s=3)
+    raw = result["raw"][0]
+    assert raw["jobs_seen"] == 6 and raw["succeeded"] == 6, raw
+    assert raw["window_all_training"] and raw["training_jobs"] == 1
+    assert raw["requests_per_job_min"] > 0 and raw["operator_peak_rss_mb"] > 0
+    # (idle PATCHes are counted cluster-wide: other test sessions' operators may patch meanwhile)
+    assert any(f["figure"].startswith("apply->Job p95") for f in result["figures"])

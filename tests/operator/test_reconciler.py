@@ -106,7 +106,10 @@ def test_should_read_progress_with_the_jobs_secret_and_keep_it_out_of_status_and
 
 def test_should_use_the_operators_own_credentials_when_configured(world):
     kube, storage, make = world
-    make(s3_access_key="own", s3_secret_key="own-secret").reconcile("ns", "demo")
+    reconciler = make(s3_access_key="own", s3_secret_key="own-secret")
+    reconciler.reconcile("ns", "demo")
+    assert storage.reads == [], "the pass that creates the Job has nothing to read yet"
+    reconciler.reconcile("ns", "demo")
     assert kube.secret_reads == 0 and storage.reads[-1][2] == "own"
 
 

@@ -75,6 +75,34 @@ def test_nf4_base_is_4bit_and_lora_trains(tiny_base, tiny_tokenizer, dtype):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(**batch.model_inputs(), labels=batch.labels).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_an_eval_forward_between_steps_leaves_nf4_lora_gradients_unchanged(tiny_base, tiny_tokenizer):
+    # Fails without keep_4bit_weights_trainable on CPUs with AVX512-BF16 (bitsandbytes repacks).
+    import bitsandbytes as bnb
+
+    base = m.load_base(tiny_base, "nf4", True, "float32", torch.device("cpu"))
+    layers = [x for x in base.modules() if isinstance(x, bnb.nn.Linear4bit)]
+    assert layers and not any(x.support_avx512bf16_for_cpu for x in layers)
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    exs = encode_all(tiny_tokenizer, tiny.chat_examples(4, seed=2), "chat", False)
+    rows, row_len = make_rows(exs, max(len(e) for e in exs), packing=True)
+    batch = collate_packed(rows, row_len, tiny_tokenizer.pad_token_id)
+    before = _lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():  # what the in-loop held-out loss does
+        model(**batch.model_inputs())
+    after = _lora_grads(model, batch)
+    for name, grad in before.items():
+        assert torch.allclose(grad, after[name], rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.slow
 def test_fp32_lora_trains_only_the_adapter(tiny_base, tiny_tokenizer):
     base = m.load_base(tiny_base, "none", True, "float32", torch.device("cpu"))

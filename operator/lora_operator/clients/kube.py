@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -15,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, PLURAL, VERSION
 from ..api.channel import CHANNEL_PLURAL
+from .informer import JobInformer
 
 log = logging.getLogger(__name__)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -22,6 +24,7 @@ MERGE = "application/merge-patch+json"
 # Kueue's storage version: read without its conversion webhook, so even while Kueue is down.
 WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+SECRET_TTL = 60.0  # seconds a job's storage credentials are reused (progress reads, not per read)
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -43,13 +46,25 @@ class KubeClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            api_client = client.ApiClient()
+            settings = client.Configuration.get_default_copy()
+            # kopf's executor, the workers, the informer and the resync share it: with the default
+            # (5 x CPUs) pool, connections are dropped and every request pays a TLS handshake.
+            settings.connection_pool_maxsize = 32
+            api_client = client.ApiClient(settings)
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.timeout = timeout
         self._groups: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        self.jobs_informer: JobInformer | None = None
+        self._events = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-events")
+
+    def watch_jobs(self, labels: Mapping[str, str], namespaces: Iterable[str], on_change, watch_timeout: float) -> None:
+        """Serve list_jobs from a list+watch cache of the Jobs with these labels (see informer.py)."""
+        self.jobs_informer = JobInformer(self.api, _selector(labels), namespaces, on_change, watch_timeout)
+        self.jobs_informer.start()
 
     def _call(self, fn, *args, **kwargs) -> Any:
         return _json(fn(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs))
@@ -64,12 +79,15 @@ class KubeClient:
             raise
 
     def list_ltjs(self, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """All LoRATrainingJobs, from the API server's watch cache (resourceVersion=0: no etcd read)."""
         namespaces = tuple(namespaces)
         if not namespaces:
-            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)["items"]
+            return self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                              resource_version="0")["items"]
         items: list[dict[str, Any]] = []
         for ns in namespaces:
-            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL)["items"]
+            items += self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                                resource_version="0")["items"]
         return items
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
@@ -121,6 +139,9 @@ class KubeClient:
 
     # Children
     def list_jobs(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        cached = self.jobs_informer.jobs(namespace, labels) if self.jobs_informer else None
+        if cached is not None:
+            return cached
         return self._call(self.batch.list_namespaced_job, namespace, label_selector=_selector(labels))["items"]
 
     def list_job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
@@ -136,15 +157,21 @@ class KubeClient:
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
         }[kind]
         try:
-            return self._call(create, ns, dict(manifest))
+            obj = self._call(create, ns, dict(manifest))
         except ApiException as exc:
             if exc.status != 409:
                 raise
             log.info("%s %s/%s already exists; adopting it", kind, ns, name)
-            return self._call(read, name, ns)
+            obj = self._call(read, name, ns)
+        if kind == "Job" and self.jobs_informer:
+            self.jobs_informer.put(obj)
+        return obj
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
-        return self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+        obj = self._call(self.batch.patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
+        if self.jobs_informer:
+            self.jobs_informer.put(obj)
+        return obj
 
     # Kueue
     def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
@@ -177,17 +204,29 @@ class KubeClient:
         return group in groups
 
     def read_secret_keys(self, namespace: str, name: str, keys: Iterable[str]) -> dict[str, str]:
-        """Decoded values of some keys of a Secret. Callers must never log or store them."""
+        """Decoded values of some keys of a Secret. Callers must never log or store them.
+
+        Kept in memory for SECRET_TTL seconds, so progress reads of a thousand jobs do not GET the
+        Secret each time; a rotated key is picked up within that time."""
         import base64
 
-        try:
-            data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
-        except ApiException as exc:
-            log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
-            return {}
+        cached = self._secrets.get((namespace, name))
+        if cached and time.monotonic() - cached[0] < SECRET_TTL:
+            data = cached[1]
+        else:
+            try:
+                data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+            except ApiException as exc:
+                log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
+                return {}
+            self._secrets[(namespace, name)] = (time.monotonic(), data)
         return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
 
     def emit_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post an Event in the background: best effort, and off the reconcile path."""
+        self._events.submit(self._post_event, dict(owner), type_, reason, message)
+
+    def _post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = owner["metadata"]
         stamp = now_rfc3339()
         event = {
@@ -200,5 +239,5 @@ class KubeClient:
         }
         try:
             self.core.create_namespaced_event(meta["namespace"], event, _request_timeout=self.timeout)
-        except ApiException as exc:  # an Event is best effort
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)
+        except Exception as exc:  # an Event is best effort (and nobody waits for this future)
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], getattr(exc, "reason", exc))

@@ -32,6 +32,7 @@ class ProgressStore:
     def __init__(self, timeout: float = 10.0):
         self._clients: dict[tuple[str, str | None], Minio] = {}
         self._http = urllib3.PoolManager(
+            maxsize=16,  # concurrent progress reads by the workers keep their connections
             timeout=urllib3.Timeout(connect=timeout, read=timeout),
             retries=urllib3.Retry(total=1, backoff_factor=0.2),
         )

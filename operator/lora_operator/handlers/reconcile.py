@@ -74,10 +74,13 @@ class Reconciler:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Run one pass; returns the status written (or kept), None when the object is gone."""
+    def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Run one pass; returns the status written (or kept), None when the object is gone.
+
+        `fresh`: a body just delivered by the watch for a new object (kopf's create handler),
+        which saves the GET on the path from apply to Job; every other pass GETs."""
         with self._lock(f"{namespace}/{name}"):
-            body = self.kube.get_ltj(namespace, name)
+            body = dict(fresh) if fresh is not None else self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             self.metrics.reconciles.inc()
@@ -105,11 +108,14 @@ class Reconciler:
         if decision.workload_active is not None and workload is not None:
             workload = self._set_workload_active(owner, workload, decision.workload_active)
         blocked: Blocked | None = None
+        started = False
         if decision.start_attempt:
             blocked = self._admission(owner, spec, queue)
             if blocked is None:
                 jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
-        progress = self._read_progress(owner, spec, jobs)
+                started = True
+        # A Job created this pass has written nothing yet: read on the next pass, not now.
+        progress = None if started else self._read_progress(owner, spec, jobs)
         return self._write(body, Observed(
             generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
             jobs=tuple(jobs), blocked=blocked, progress=progress, workload=workload))

@@ -1,4 +1,9 @@
-"""The operator's long-lived objects, built once at startup from the config."""
+"""The operator's long-lived objects, built once at startup from the config.
+
+Who triggers a pass: kopf's create/resume/update handlers run theirs at once (kopf retries them
+on error); changes of child Jobs (the Job informer, clients/informer.py) and the resync timer put
+the owner's key on a de-duplicating work queue that `config.workers` threads drain.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,15 @@ from typing import Any
 
 from ..api import KIND
 from ..api.channel import CHANNEL_KIND
+from ..builders import MANAGED_BY
 from ..clients.kube import KubeClient
 from ..clients.storage import ProgressStore
 from ..config import OperatorConfig
 from ..observability.metrics import Metrics
+from ..status import is_terminal
 from .channel import ChannelReconciler
 from .reconcile import Reconciler
+from .workqueue import WorkQueue, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +36,24 @@ class Runtime:
         store = ProgressStore()
         self.reconciler = Reconciler(config, self.kube, store, self.metrics)
         self.channels = ChannelReconciler(config, self.kube, store)
+        self.queue = WorkQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.metrics.serve(self.config.metrics_port)
+        self.kube.watch_jobs({"app.kubernetes.io/managed-by": MANAGED_BY}, self.namespaces,
+                             self.reconcile_owner_of, self.config.watch_timeout)
+        start_workers(self.queue, lambda key: self.reconcile(*key), self.config.workers, self._stop)
         self._thread = threading.Thread(target=self._resync_forever, name="lora-resync", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def reconcile(self, namespace: str, name: str) -> None:
+    def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> None:
         try:
-            self.reconciler.reconcile(namespace, name)
+            self.reconciler.reconcile(namespace, name, fresh)
         except Exception:
             self.metrics.reconcile_errors.labels(kind=KIND).inc()
             raise
@@ -53,10 +65,28 @@ class Runtime:
             self.metrics.reconcile_errors.labels(kind=CHANNEL_KIND).inc()
             raise
 
+    def enqueue(self, namespace: str, name: str) -> None:
+        self.queue.add((namespace, name))
+
     def reconcile_owner_of(self, child: Mapping[str, Any]) -> None:
         for ref in child.get("metadata", {}).get("ownerReferences") or ():
             if ref.get("kind") == KIND:
-                self.reconcile(child["metadata"]["namespace"], ref["name"])
+                self.enqueue(child["metadata"]["namespace"], ref["name"])
+
+    def resync_once(self) -> int:
+        """One LIST of all jobs; queue a pass for each one not finished. Returns how many."""
+        items = self.kube.list_ltjs(self.namespaces)
+        queued = 0
+        for item in items:
+            meta, status = item["metadata"], item.get("status") or {}
+            # A finished job's pass returns at once; skipping it here saves its GET.
+            if is_terminal(status) and status.get("observedGeneration") == meta.get("generation"):
+                self.metrics.set_phase(meta["uid"], status.get("phase"))
+                continue
+            self.enqueue(meta["namespace"], meta["name"])
+            queued += 1
+        self.metrics.forget_except({i["metadata"]["uid"] for i in items})
+        return queued
 
     def _resync_forever(self) -> None:
         """The level-based timer: every LORA_RESYNC_INTERVAL, one pass per unfinished job.
@@ -66,17 +96,9 @@ class Runtime:
         """
         while not self._stop.wait(self.config.resync_interval):
             try:
-                items = self.kube.list_ltjs(self.namespaces)
+                self.resync_once()
             except Exception as exc:
                 log.warning("resync: cannot list LoRATrainingJobs: %s", exc)
-                continue
-            for item in items:
-                meta = item["metadata"]
-                try:
-                    self.reconcile(meta["namespace"], meta["name"])
-                except Exception:
-                    log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
-            self.metrics.forget_except({i["metadata"]["uid"] for i in items})
             self._resync_channels()
 
     def _resync_channels(self) -> None:

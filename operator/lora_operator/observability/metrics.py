@@ -45,22 +45,25 @@ class Metrics:
                                   buckets=_BUCKETS, registry=r)
         self._phases: dict[str, str] = {}
         self._lock = threading.Lock()
+        for p in PHASES:  # every phase is exported, 0 until a job is in it
+            self.jobs.labels(phase=p).set(0)
 
     def serve(self, port: int) -> None:
         if port:
             start_http_server(port, registry=self.registry)
 
     def set_phase(self, uid: str, phase: str | None) -> None:
+        """O(1): move one job between phase counts (passes call this for every job)."""
         with self._lock:
+            old = self._phases.pop(uid, None)
             if phase:
                 self._phases[uid] = phase
-            else:
-                self._phases.pop(uid, None)
-            counts = {p: 0 for p in PHASES}
-            for value in self._phases.values():
-                counts[value] = counts.get(value, 0) + 1
-        for p, n in counts.items():
-            self.jobs.labels(phase=p).set(n)
+            if old == phase:
+                return
+            if old:
+                self.jobs.labels(phase=old).dec()
+            if phase:
+                self.jobs.labels(phase=phase).inc()
 
     def forget_except(self, uids: set[str]) -> None:
         for uid in set(self._phases) - uids:

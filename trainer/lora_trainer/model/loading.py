@@ -114,6 +114,22 @@ def gradient_checkpointing(requested: bool | None, quantization: str) -> bool:
     return requested if requested is not None else quantization != "none"
 
 
+def keep_4bit_weights_trainable(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of NF4 weights; returns the layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weights for an inference
+    kernel on the first no-grad eval forward and keeps them repacked when training resumes; that
+    kernel has no autograd, so LoRA gradients after an in-loop evaluation are wrong, and each save
+    rounds the scales to bf16. Training needs the weights in their trainable layout.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: str, device, *,
               attn: str = "auto", checkpointing: bool = False):
     """The base model with frozen weights, ready for k-bit training when quantized.
@@ -133,6 +149,8 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
     ckpt_kwargs = {"use_reentrant": False}
     if qconf is not None:
         from peft import prepare_model_for_kbit_training
+
+        keep_4bit_weights_trainable(model)
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
