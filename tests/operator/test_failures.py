@@ -93,3 +93,11 @@ def test_should_name_the_rank_that_failed_first():
 def test_should_not_name_a_rank_for_a_single_pod_job():
     view = job_view(failed_job(), [_rank_pod(0, 1, "2025-01-01T00:04:10Z")])
     assert view.failure.node_rank is None and view.failure.pod is None
+
+
+def test_should_keep_pods_per_attempt_and_ranks_through_the_job_informers_slim_copy():
+    from lora_operator.clients.informer import slim
+
+    job = _indexed(failed_job())
+    view = job_view(slim(job), [_rank_pod(1, 137, "2025-01-01T00:04:10Z")])
+    assert view.parallelism == 2 and view.failure.node_rank == 1
