@@ -36,6 +36,7 @@ from kubernetes import config as k8s_config
 from kubernetes.watch.watch import iter_resp_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from podrunner_dns import PodDNS, service_exists_via
 from podrunner_pod import PodWorker, now
 
 GPUS = "8"
@@ -98,6 +99,7 @@ class Runner:
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.dns = PodDNS(service_exists_via(api), self.log)  # hostnames and peer names, see podrunner_dns.py
 
     @staticmethod
     def log(msg: str) -> None:
@@ -287,6 +289,7 @@ class Runner:
     def forget(self, pod: dict) -> None:
         with self.lock:
             worker = self.workers.pop(pod["metadata"]["uid"], None)
+        self.dns.forget(pod["metadata"]["uid"])
         if worker is not None and worker.is_alive():
             worker.request_stop(0.0, delete=False)
 

@@ -8,6 +8,8 @@ Contract for pod specs run locally (documented in hack/podrunner.py as well):
   ``.local/pods/<ns>_<name>_<uid>/volumes/<volume>[/<subPath>]``, except a path that already
   exists on this machine (a checkout under /tmp while the pod mounts an emptyDir at /tmp). Code that hard-codes a mount
   path without receiving it through those fields will not find its files.
+* A pod with ``spec.subdomain`` gets its hostname and resolves the names of its peers behind a
+  headless Service (all on 127.0.0.1; see podrunner_dns.py).
 * Only a few variables of the runner's environment pass through (PATH with the venv's bin dir
   first, HOME, locale, HF_*/CUDA_*/TORCH* ..., and names in ``LORA_PODRUNNER_PASSENV``).
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 PASSENV = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ", "LD_LIBRARY_PATH")
 PASSENV_PREFIXES = ("HF_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRANSFORMERS_", "TOKENIZERS_")
 MAX_RESTARTS = int(os.environ.get("LORA_PODRUNNER_MAX_RESTARTS", "5"))
+POD_MARK = "LORA_PODRUNNER_POD_UID"
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_MAP = re.compile(r"metadata\.(labels|annotations)\['(.+)'\]$")
 
@@ -64,7 +67,8 @@ def base_env(bin_dir: str, pod: dict, api_port: str) -> dict:
         if k in os.environ:
             env[k] = os.environ[k]
     env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
-    env["HOSTNAME"] = pod["metadata"]["name"]
+    env["HOSTNAME"] = (pod["spec"].get("hostname") or pod["metadata"]["name"])[:63]
+    env[POD_MARK] = pod["metadata"]["uid"]  # inherited by every descendant: the pod's "cgroup"
     if api_port:
         env.update(KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=api_port,
                    KUBERNETES_SERVICE_PORT_HTTPS=api_port)
@@ -201,6 +205,8 @@ class PodWorker(threading.Thread):
                     os.killpg(p.pid, sig)
                 except ProcessLookupError:
                     pass
+        if sig == signal.SIGKILL:
+            kill_marked(self.uid)
 
     def _containers(self) -> list[dict]:
         spec = self.pod["spec"]
@@ -210,6 +216,7 @@ class PodWorker(threading.Thread):
     def _start(self, c: dict, statuses: dict) -> None:
         name = c["name"]
         argv, env, cwd = self._launch_spec(c)
+        argv = self.runner.dns.wrap(self.pod, self.dir, argv)  # own hostname and /etc/hosts (subdomain)
         term = self.dir / f"{name}.termination-log"
         term.write_text("")
         with open(self.dir / f"{name}.log", "ab") as out:
@@ -403,3 +410,18 @@ class PodWorker(threading.Thread):
         if self.init_statuses:
             status["initContainerStatuses"] = list(self.init_statuses.values())
         self.runner.patch_pod_status(self.ns, self.pod_name, status)
+
+
+def kill_marked(uid: str) -> None:
+    """SIGKILL every process of the pod, also those in their own session (torchrun's workers) or
+    orphaned by their parent, as a kubelet does by killing the container's cgroup."""
+    mark = f"{POD_MARK}={uid}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            pass

@@ -52,6 +52,9 @@ Environment variables (Helm value in brackets is a suggestion for the chart):
   LORA_NETWORK_POLICY               false: create no NetworkPolicy per job (default true)  [networkPolicy.enabled]
   LORA_NETWORK_POLICY_EGRESS_PORTS  comma list of further TCP ports trainer pods may reach (besides DNS,
                                     the object-store ports and 443 for hf://)  [networkPolicy.extraEgressPorts]
+  LORA_RENDEZVOUS_TIMEOUT_SECONDS   multi-node: how long pod 0 waits for the other pods (default 600)
+  LORA_COLLECTIVE_TIMEOUT_SECONDS   multi-node: how long a rank waits in one collective before the
+                                    attempt fails (default 1800)
   LORA_METRICS_PORT                 Prometheus /metrics port; 0 = off (default 8080)
   LORA_LIVENESS_ENDPOINT            kopf liveness URL (default http://0.0.0.0:8081/healthz)
   LORA_LOG_FORMAT                   plain | json (default plain)
@@ -194,6 +197,8 @@ class OperatorConfig:
     default_ephemeral_storage: str = "100Gi"
     network_policy: bool = True
     network_policy_egress_ports: tuple[int, ...] = ()
+    rendezvous_timeout_seconds: int = 600
+    collective_timeout_seconds: int = 1800
     metrics_port: int = 8080
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     log_format: str = "plain"
@@ -234,6 +239,8 @@ class OperatorConfig:
             default_ephemeral_storage=_get(env, "LORA_DEFAULT_EPHEMERAL_STORAGE").strip() or "100Gi",
             network_policy=_get(env, "LORA_NETWORK_POLICY").strip().lower() not in ("false", "0", "no"),
             network_policy_egress_ports=_ports(env, "LORA_NETWORK_POLICY_EGRESS_PORTS"),
+            rendezvous_timeout_seconds=_int(env, "LORA_RENDEZVOUS_TIMEOUT_SECONDS", 600),
+            collective_timeout_seconds=_int(env, "LORA_COLLECTIVE_TIMEOUT_SECONDS", 1800),
             metrics_port=_int(env, "LORA_METRICS_PORT", 8080),
             liveness_endpoint=env.get("LORA_LIVENESS_ENDPOINT", "").strip() or "http://0.0.0.0:8081/healthz",
             log_format=log_format,

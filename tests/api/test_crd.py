@@ -54,7 +54,8 @@ def test_crd_declares_short_name_status_subresource_and_printer_columns():
     version = doc["spec"]["versions"][0]
     assert doc["spec"]["names"]["shortNames"] == ["ltj"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Eval", "Admission", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Eval", "Workers",
+                                                                         "Admission", "Age"]
 
 
 def test_spec_reference_doc_is_fresh():

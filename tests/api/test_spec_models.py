@@ -44,7 +44,6 @@ INVALID = [
     ("all-linear mixed with names", {"lora.targetModules": [ALL_LINEAR, "q_proj"]}, "spec.lora.targetModules"),
     ("an unknown quantization", {"quantization": "fp4"}, "spec.quantization"),
     ("zero nodes", {"resources.nodes": 0}, "spec.resources.nodes"),
-    ("multi-node without GPUs", {"resources.nodes": 2, "resources.gpus": 0}, "spec.resources.nodes"),
     ("neither epochs nor maxSteps", {"training.epochs": 0, "training.maxSteps": 0}, "spec.training.epochs"),
     ("a regex check without a pattern", {"evaluation.gate.checks": [{"name": "tone", "type": "mustMatch"}]},
      "spec.evaluation.gate.checks[0].pattern"),

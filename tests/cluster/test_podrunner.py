@@ -163,3 +163,64 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(cluster, na
     assert 1.5 < time.monotonic() - started < 15
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _isolation_available() -> bool:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
+    from podrunner_dns import isolation_available
+
+    return isolation_available()
+
+
+requires_pod_dns = pytest.mark.skipif(not _isolation_available(),
+                                      reason="pod DNS needs unshare (root or user namespaces)")
+
+# Rank 0 listens on the port; rank 1 finds it by its pod DNS name, as torchrun's ranks do.
+PEER_SCRIPT = """
+import os, socket, sys, time
+port, ns, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+me = socket.gethostname()
+if os.environ["JOB_COMPLETION_INDEX"] == "0":
+    s = socket.socket()
+    s.bind(("0.0.0.0", port))
+    s.listen()
+    conn, _ = s.accept()
+    conn.sendall(me.encode())
+    conn.close()
+    answer = "served"
+else:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = socket.create_connection((f"peers-0.peers-svc.{ns}.svc.cluster.local", port), timeout=2)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "rank 0 never answered"
+            time.sleep(0.2)
+    answer = conn.recv(100).decode() + " " + socket.gethostbyname("peers-0.peers-svc")
+open(os.path.join(out, me), "w").write(answer)
+"""
+
+
+@requires_pod_dns
+def test_indexed_job_pods_get_their_hostnames_and_resolve_each_other(cluster, namespace, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers-svc"},
+               "spec": {"clusterIP": "None", "selector": {"app": "peers"}, "publishNotReadyAddresses": True,
+                        "ports": [{"port": port}]}}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "peers"},
+           "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+                    "template": {"metadata": {"labels": {"app": "peers"}}, "spec": {
+                        "subdomain": "peers-svc", "restartPolicy": "Never",
+                        "containers": [{"name": "main", "image": "unused", "command": [
+                            "python", "-c", PEER_SCRIPT, str(port), namespace, str(tmp_path)]}]}}}}
+    create(cluster, namespace, service, job)
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/peers", "--timeout=60s")
+    assert (tmp_path / "peers-0").read_text() == "served"
+    assert (tmp_path / "peers-1").read_text() == "peers-0 127.0.0.1"

@@ -91,10 +91,21 @@ def test_should_use_the_completion_index_as_rank_for_multi_node(owner, make_spec
     command = pod["containers"][0]["command"]
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
-    assert command[command.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
-    assert command[command.index("--main_process_ip") + 1] == "demo-a1-0.demo-workers"
-    assert command[command.index("--num_processes") + 1] == "12"
+    assert command[command.index("--node_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert command[command.index("--master_addr") + 1] == "demo-a1-0.demo-workers"
+    assert command[command.index("--nproc_per_node") + 1] == "4"
+    assert command[command.index("--rdzv_conf") + 1] == "timeout=600"
     assert pod["subdomain"] == "demo-workers"
+
+
+def test_should_run_one_gloo_process_per_pod_for_a_cpu_multi_node_job(owner, make_spec):
+    job = _job(owner, make_spec(**{"resources.gpus": 0, "resources.nodes": 2}))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[command.index("--nproc_per_node") + 1] == "1"
+    assert command[command.index("--nnodes") + 1] == "2"
+    assert "resources" not in container or "nvidia.com/gpu" not in str(container["resources"])
+    assert {"name": "LORA_COLLECTIVE_TIMEOUT_S", "value": "1800"} in container["env"]
 
 
 def test_should_never_put_secret_values_in_the_configmap(owner, make_spec):

@@ -200,3 +200,26 @@ def test_should_derive_the_same_status_twice_so_nothing_is_patched():
 def test_should_never_carry_unknown_progress_keys_into_status():
     status = derive_status(obs(jobs=(job(),), progress=progress(secretKey="x", peakMemoryBytes=1)))
     assert "secretKey" not in str(status) and "peakMemoryBytes" not in str(status)
+
+
+def test_should_show_ready_over_total_pods_of_the_current_attempt_and_wait_for_the_missing_one():
+    status = derive_status(Observed(1, NOW, jobs=(job(active=1, ready=1, parallelism=2),),
+                                    progress=progress(state="Preparing", attempt=1)))
+    assert status["workers"] == {"ready": 1, "total": 2, "summary": "1/2"}
+    running = next(x for x in status["conditions"] if x["type"] == c.RUNNING)
+    assert running["message"].endswith("1/2 pods ready")
+
+
+def test_should_name_the_failed_rank_in_an_event_once():
+    from lora_operator.status import attempt_events
+
+    first = Observed(1, NOW, jobs=(job(active=2, ready=2, parallelism=2),), progress=progress())
+    before = derive_status(first)
+    lost = job(active=0, outcome="Failed", parallelism=2, completion_time="2025-01-01T00:05:00Z",
+               failure=Failure("Error", 137, None, node_rank=1, pod="demo-a1-1-x"))
+    after = derive_status(Observed(1, NOW, previous=before, jobs=(lost,), max_retries=2))
+    assert after["attempts"][0]["failedRank"] == 1 and after["workers"]["summary"] == "0/2"
+    events = attempt_events(before["attempts"], after["attempts"])
+    assert [(e.type, e.reason) for e in events] == [("Warning", "AttemptFailed")]
+    assert "node rank 1 (pod demo-a1-1-x) first, Error, exit code 137" in events[0].message
+    assert attempt_events(after["attempts"], after["attempts"]) == [], "once, not on every pass"

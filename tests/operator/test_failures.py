@@ -71,3 +71,40 @@ def test_should_keep_event_names_within_253_characters_for_long_job_names():
         name = event_name(owner)
         assert len(name) <= 253 and not name.split(".")[0].endswith(("-", ".")), name
     assert event_name("demo").startswith("demo.")
+def _rank_pod(index: int, code: int, finished: str, message: str = "") -> dict:
+    return {"metadata": {"name": f"demo-a1-{index}-x", "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": code, "reason": "Error", "finishedAt": finished, "message": message}}}]}}
+
+
+def _indexed(job: dict) -> dict:
+    return {**job, "spec": {"completionMode": "Indexed", "parallelism": 2, "completions": 2}}
+
+
+@pytest.mark.parametrize("rank0_finished", ["2025-01-01T00:04:10Z", "2025-01-01T00:04:11Z"],
+                         ids=["in the same second", "a second later"])
+def test_should_name_the_rank_that_was_killed_not_the_peer_that_lost_it(rank0_finished):
+    pods = [_rank_pod(0, 1, rank0_finished, "Connection closed by peer"),
+            _rank_pod(1, 137, "2025-01-01T00:04:10Z")]
+    view = job_view(_indexed(failed_job()), pods)
+    assert (view.failure.node_rank, view.failure.pod, view.failure.exit_code) == (1, "demo-a1-1-x", 137)
+    assert view.parallelism == 2
+
+
+def test_should_name_the_rank_that_failed_first():
+    pods = [_rank_pod(0, 1, "2025-01-01T00:04:10Z", "DataError"), _rank_pod(1, 143, "2025-01-01T00:04:12Z")]
+    view = job_view(_indexed(failed_job()), pods)
+    assert (view.failure.node_rank, view.failure.exit_code) == (0, 1)
+
+
+def test_should_not_name_a_rank_for_a_single_pod_job():
+    view = job_view(failed_job(), [_rank_pod(0, 1, "2025-01-01T00:04:10Z")])
+    assert view.failure.node_rank is None and view.failure.pod is None
+
+
+def test_should_keep_pods_per_attempt_and_ranks_through_the_job_informers_slim_copy():
+    from lora_operator.clients.informer import slim
+
+    job = _indexed(failed_job())
+    view = job_view(slim(job), [_rank_pod(1, 137, "2025-01-01T00:04:10Z")])
+    assert view.parallelism == 2 and view.failure.node_rank == 1

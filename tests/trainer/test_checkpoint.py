@@ -95,3 +95,27 @@ def test_termination_message_is_one_json_line_and_unwritable_paths_are_ignored(t
     text = (tmp_path / "t").read_text()
     assert text.count("\n") == 1 and len(text) < 4096 and json.loads(text)["state"] == "Failed"
     write_termination_message(tmp_path / "missing" / "dir" / "t", {"state": "Failed"})
+
+
+def test_every_rank_restores_its_own_rng_state_and_a_missing_one_says_so(tmp_path):
+    import random
+
+    import torch
+
+    states = {}
+    for rank in (1, 2):  # rank 0's rng.pt is restored by load_local with the rest
+        torch.manual_seed(rank)
+        random.seed(rank)
+        states[rank] = ckpt.rng_state()
+        torch.save(states[rank], tmp_path / ckpt.rng_file(rank))
+    draws = {}
+    for rank in (1, 2):
+        torch.manual_seed(99)
+        assert ckpt.restore_rng(tmp_path, rank)
+        draws[rank] = (torch.rand(3).tolist(), random.random())
+    torch.manual_seed(2)
+    random.seed(2)
+    assert draws[2] == (torch.rand(3).tolist(), random.random()), "rank 2 got someone else's stream"
+    assert draws[1] != draws[2]
+    assert ckpt.rng_file(0) == "rng.pt", "rank 0 keeps the single-process file name"
+    assert ckpt.restore_rng(tmp_path, 3) is False, "a checkpoint of three ranks has no state for rank 3"

@@ -148,7 +148,8 @@ def test_fingerprint_cli_prints_the_content_hash(tiny_base, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_twice_the_batch(make_job, tmp_path):
-    over = {"training.epochs": 1, "lora.dropout": 0.0, "training.checkpointEverySteps": 100}
+    over = {"training.epochs": 1, "lora.dropout": 0.0, "training.checkpointEverySteps": 100,
+            "training.evalEverySteps": 2}  # held-out loss mid-run: ranks hold unequal shares of it
     cfg, store = make_job(n_train=24, **over, **{"training.batchSize": 2})
     assert _in_process(cfg, store, tmp_path / "one") == 0
     single = _history(store)
@@ -163,6 +164,8 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(make_job, tmp
     proc = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _history(store2) == pytest.approx(single, abs=1e-4)
+    assert "rank 1 of world size 2" in proc.stderr
+    assert (_progress(store2)["rank"], _progress(store2)["worldSize"]) == (0, 2)
 
 
 @pytest.mark.slow
@@ -175,3 +178,16 @@ def test_run_trains_evaluates_and_publishes(make_job, tmp_path):
     meta = json.loads((store / "out" / "job" / "lora-metadata.json").read_text())
     assert meta["artifacts"] == progress["artifacts"] and meta["job"]["name"] == "t"
     assert json.loads((tmp_path / "termination-log").read_text())["state"] == "Succeeded"
+
+
+@pytest.mark.slow
+def test_a_rendezvous_no_peer_joins_fails_within_its_timeout_naming_the_cause(tmp_path):
+    cmd = [sys.executable, "-m", "lora_trainer.launch", "--nnodes", "2", "--node_rank", "0",
+           "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29578",
+           "--rdzv_conf", "timeout=2", "--max_restarts", "0", "-m", "lora_trainer", "run", "unused.yaml"]
+    proc = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["state"] == "Failed"
+    assert "rendezvous of node rank 0 of 2 at 127.0.0.1:29578 failed" in summary["error"]
+    assert "1/2 clients joined" in summary["error"]

@@ -72,6 +72,8 @@ class RuntimeConfig:
     "Log a metrics line every N optimizer steps (non-TTY)."
     progress_bar: Optional[bool] = None
     "Force the progress bar on/off; default: on when stderr is a TTY."
+    collective_timeout_s: Optional[float] = None
+    "Seconds a rank waits in one collective before failing (env LORA_COLLECTIVE_TIMEOUT_S); unset: 30 min."
     retry_attempts: int = 30
     "Attempts per storage call at most (within retry_budget_s)."
     retry_base_delay_s: float = 0.5
@@ -98,6 +100,7 @@ class RuntimeConfig:
             "pvc_root": os.environ.get("LORA_PVC_ROOT"),
             "peak_flops": _env_float("LORA_PEAK_FLOPS", None),
             "progress_interval_s": _env_float("LORA_PROGRESS_INTERVAL_S", None),
+            "collective_timeout_s": _env_float("LORA_COLLECTIVE_TIMEOUT_S", None),
             "termination_log": os.environ.get("LORA_TERMINATION_LOG"),
             "attempt": os.environ.get("LORA_ATTEMPT"),
             "work_dir": os.environ.get("LORA_WORK_DIR"),

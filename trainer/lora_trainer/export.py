@@ -241,8 +241,9 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
             dataset_hashes: Optional[dict] = None, max_seq_length: Optional[int] = None,
             started_at: Optional[str] = None, device: Optional[torch.device] = None,
             data_stats: Optional[dict] = None, identity=None,
-            checkpoint_eval_loss: Optional[float] = None) -> dict:
+            checkpoint_eval_loss: Optional[float] = None, world_size: int = 1) -> dict:
     """Build, verify, stage and promote the artifacts (see module docstring); returns their URIs.
+    `world_size`: training processes of the run that wrote the checkpoint (for the metadata).
 
     `adapter_dir` is the evaluated checkpoint's PEFT adapter directory; `store`/`output_key` come
     from `storage.open_uri(spec.output.uri)`; `identity` (identity.JobIdentity) is recorded in the
@@ -270,7 +271,8 @@ def publish(spec, store, output_key: str, base_dir: Path, adapter_dir: Path, rep
                               files=_files(local), dataset_hashes=dataset_hashes or {}, run_id=run_id,
                               started_at=started_at, warnings=warnings,
                               data={**(data_stats or {}), "maxSeqLength": max_seq_length},
-                              vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings})
+                              vllm={"maxLoraRank": spec.output.vllm_max_lora_rank, "problems": warnings},
+                              world_size=world_size)
         meta["checkpointEvalLoss"] = checkpoint_eval_loss
         return meta
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -68,14 +69,19 @@ class LoRARecipe:
 
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         mixed = MIXED[self.spec.compute_dtype]
         cpu = not torch.cuda.is_available()
         if cpu and mixed == "fp16":
             mixed = "no"  # fp16 autocast is a GPU feature
-        self.acc = Accelerator(mixed_precision=mixed, cpu=cpu)
+        # A lost peer must end the attempt, not hang it: every collective gives up after this.
+        timeout = self.rt.collective_timeout_s
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
+        self.acc = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers)
         self.rank0 = self.acc.is_main_process
+        log.info("rank %d of world size %d (local rank %d, %s)", self.acc.process_index,
+                 self.acc.num_processes, self.acc.local_process_index, self.acc.distributed_type)
         set_seed(self.spec.training.seed)
         self.rt.work_dir.mkdir(parents=True, exist_ok=True)
         skw = self.rt.store_kwargs(self.job)
@@ -87,7 +93,8 @@ class LoRARecipe:
         self.progress = ProgressWriter(self.out_store if self.rank0 else None,
                                        storage.join(self.out_key, "progress.json"),
                                        self.rt.progress_interval_s, self.rt.attempt, job_uid=self.job.uid)
-        self.progress.update(state="Preparing", force=True)
+        self.progress.update(state="Preparing", rank=self.acc.process_index,
+                             worldSize=self.acc.num_processes, force=True)
         base = self.spec.base_model
         with self.acc.local_main_process_first():
             self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
@@ -192,8 +199,13 @@ class LoRARecipe:
         verify_files(local, manifest, self.out_store.describe(ref.key))
         model = self.acc.unwrap_model(self.model)
         before = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        where = self.out_store.describe(ref.key)
         try:
-            return ckpt.load_local(local, model, self.optimizer, self.scheduler, self.out_store.describe(ref.key))
+            state = ckpt.load_local(local, model, self.optimizer, self.scheduler, where)
+            rank = self.acc.process_index
+            if not ckpt.restore_rng(local, rank, where):  # a checkpoint written by fewer ranks
+                torch.manual_seed(self.spec.training.seed + rank + state["step"])
+            return state
         except ckpt.CheckpointInvalid:
             model.load_state_dict(before, strict=False)  # nothing of a rejected checkpoint stays
             raise
@@ -202,8 +214,6 @@ class LoRARecipe:
         self.step = state["step"]
         self.best_eval, self.best_step = state.get("bestEvalLoss"), state.get("bestStep")
         self.history = state.get("history", [])
-        if self.acc.process_index:
-            torch.manual_seed(self.spec.training.seed + self.acc.process_index + self.step)
         log.info("resumed from %s at step %d", self.out_store.describe(ref.key), self.step)
         steps = {r.step for r in ckpt.list_checkpoints(self.out_store, self.out_key) if r.complete}
         best = self._ckpt_uri(self.best_step) if self.best_step in steps else None
@@ -336,17 +346,20 @@ class LoRARecipe:
         """Save and upload step-N (rank 0), prune old ones, then report it (never before COMPLETE)."""
         if self.last_eval is None or self.last_eval[0] != self.step:
             self.evaluate()  # every checkpoint carries its own eval loss, so "best" means something
+        rng_states = self._rng_states()  # every rank's, so each resumes with its own
         if self.rank0:
             local = self.rt.work_dir / "checkpoints" / f"step-{self.step}"
             shutil.rmtree(local, ignore_errors=True)
             epoch, in_epoch = divmod(self.step, self.schedule.steps_per_epoch)
             state = {"step": self.step, "evalLoss": self.last_eval[1], "bestEvalLoss": self.best_eval,
                      "bestStep": self.best_step, "dataPosition": {"epoch": epoch, "stepInEpoch": in_epoch},
-                     "totalSteps": self.total_steps, "history": self.history}
+                     "totalSteps": self.total_steps, "history": self.history,
+                     "worldSize": self.acc.num_processes}
             ckpt.save_local(local, self.acc.unwrap_model(self.model), self.optimizer,
-                            self.scheduler, state)
+                            self.scheduler, state, rng_states)
             ckpt.upload(self.out_store, local, self.out_key, self.step,
-                        {"evalLoss": self.last_eval[1], **self.identity.to_dict()})
+                        {"evalLoss": self.last_eval[1], "worldSize": self.acc.num_processes,
+                         **self.identity.to_dict()})
             ckpt.prune(self.out_store, self.out_key, self.spec.training.keep_checkpoints,
                        self.best_step)
             shutil.rmtree(local, ignore_errors=True)
@@ -355,6 +368,15 @@ class LoRARecipe:
                                  bestCheckpoint=self._ckpt_uri(self.best_step),
                                  bestEvalLoss=self.best_eval)
         self.acc.wait_for_everyone()
+
+    def _rng_states(self) -> list[dict]:
+        """The RNG state of every rank, index = rank (all ranks take part; only rank 0 writes)."""
+        mine = ckpt.rng_state()
+        if self.acc.num_processes == 1:
+            return [mine]
+        states: list = [None] * self.acc.num_processes
+        torch.distributed.all_gather_object(states, mine)
+        return states
 
     def _write_metrics(self) -> None:
         """metrics.jsonl: one line per step (loss, and evalLoss where evaluated), for loss plots.

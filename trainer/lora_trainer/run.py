@@ -144,7 +144,8 @@ def _attempt(job: Job, rt: RuntimeConfig) -> Iterator[LoRARecipe]:
             recipe.progress.update(state="Failed", error=error, force=True)
         raise
     finally:
-        if getattr(recipe, "rank0", True):
+        acc = getattr(recipe, "acc", None)
+        if acc is None or acc.is_local_main_process:  # one summary per pod, with its rank
             data = recipe.progress.data if hasattr(recipe, "progress") else {"state": "Failed",
                                                                               "error": error}
             write_termination_message(rt.termination_log, data)
@@ -182,6 +183,7 @@ class StageContext:
     data_stats: dict = field(default_factory=dict)  # dropped / truncated / skipped counts
     identity: Optional[ident.JobIdentity] = None  # recorded with what is published
     checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
+    world_size: int = 1  # training processes of the run that wrote the checkpoint
 
     @property
     def spec(self):
@@ -238,7 +240,8 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
     return StageContext(job, rt, Path(base_dir), local / "adapter", ref, prepared.eval_jsonl, store, key,
                         progress, prepared.max_seq_length, dict(prepared.dataset_hashes),
                         data_stats=prepared.stats(), identity=mine,
-                        checkpoint_eval_loss=manifest.get("evalLoss"))
+                        checkpoint_eval_loss=manifest.get("evalLoss"),
+                        world_size=int(manifest.get("worldSize") or 1))
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
@@ -319,7 +322,7 @@ def export(ctx: StageContext, report: scoring.EvalReport) -> dict:
                              run_id=f"{ctx.job.name}-a{ctx.runtime.attempt}",
                              dataset_hashes=ctx.dataset_hashes, max_seq_length=ctx.max_seq_length,
                              data_stats=ctx.data_stats, identity=ctx.identity,
-                             checkpoint_eval_loss=ctx.checkpoint_eval_loss)
+                             checkpoint_eval_loss=ctx.checkpoint_eval_loss, world_size=ctx.world_size)
     if ctx.progress:
         ctx.progress.update(artifacts=uris)
     return uris

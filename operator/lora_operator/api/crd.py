@@ -148,6 +148,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
         {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.verdict"},
+        {"name": "Workers", "type": "string", "jsonPath": ".status.workers.summary", "priority": 1},
         # why a job waits (Kueue's own reason, a ResourceQuota, ...) or which Job runs it
         {"name": "Admission", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Admitted")].message'},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

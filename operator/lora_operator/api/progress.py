@@ -88,6 +88,8 @@ class ProgressReport(ReportModel):
     job_uid: Optional[Annotated[str, Field(max_length=128)]] = Field(
         default=None, description="metadata.uid of the LoRATrainingJob this run belongs to.")
     attempt: Optional[Annotated[int, Field(ge=1, le=10_000)]] = Field(default=None, description="LORA_ATTEMPT.")
+    rank: Optional[Annotated[int, Field(ge=0, le=100_000)]] = Field(default=None, description="Rank of the writer (0).")
+    world_size: Optional[Annotated[int, Field(ge=1, le=100_000)]] = Field(default=None, description="Processes in the run, all nodes.")
     state: Optional[TrainerState] = Field(default=None, description="Where the run is.")
     step: Optional[Count] = Field(default=None, description="Optimizer steps done.")
     total_steps: Optional[Count] = Field(default=None, description="Planned optimizer steps.")

@@ -361,14 +361,21 @@ class Toleration(ApiModel):
 class ResourcesSpec(ApiModel):
     """Compute for each trainer pod."""
 
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 = a CPU-only job.")
+    gpus: int = Field(
+        default=1, ge=0, le=64,
+        description="GPUs per node; 0 = a CPU-only job (one gloo process per node when nodes > 1).",
+    )
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         max_length=253,
         pattern=r"^[a-z0-9.-]+/[a-z0-9._-]+$",
         description="Extended resource name of the GPU.",
     )
-    nodes: int = Field(default=1, ge=1, le=256, description="Nodes (pods) for multi-node training.")
+    nodes: int = Field(
+        default=1, ge=1, le=256,
+        description="Nodes (pods) for multi-node training: an Indexed Job and a headless Service; "
+        "the pods rendezvous with torchrun at pod 0.",
+    )
     cpu: Optional[str] = Field(
         default=None, pattern=QUANTITY_PATTERN, max_length=32, description="CPU request, e.g. \"8\"."
     )
@@ -396,15 +403,6 @@ class ResourcesSpec(ApiModel):
         description="PriorityClass of the pods; only one the platform's policy allows. With a queue (Kueue) "
         "the name of a WorkloadPriorityClass, set as the Job's kueue.x-k8s.io/priority-class label (pods then "
         "get no priorityClassName).",
-    )
-
-    rules = (
-        Rule(
-            cel="self.nodes == 1 || self.gpus >= 1",
-            check=lambda m: m.nodes == 1 or m.gpus >= 1,
-            message="multi-node jobs need at least one GPU per node",
-            field="nodes",
-        ),
     )
 
 

@@ -93,6 +93,10 @@ class Attempt(ApiModel):
     reason: Optional[str] = Field(default=None, description="OOMKilled, Evicted, Error, DeadlineExceeded...")
     exit_code: Optional[int] = Field(default=None, description="Trainer exit code.")
     message: Optional[str] = Field(default=None, description="Termination message of the trainer.")
+    failed_rank: Optional[int] = Field(
+        default=None, description="Multi-node: node rank (completion index) of the pod that failed first."
+    )
+    failed_pod: Optional[str] = Field(default=None, description="Multi-node: the pod that failed first.")
     preemptions: Optional[int] = Field(
         default=None, description="Times Kueue preempted this attempt (the trainer checkpointed; not a failure).")
     last_preempted_at: Optional[str] = Field(default=None, description="When Kueue last evicted it.")
@@ -101,6 +105,14 @@ class Attempt(ApiModel):
         default=None, description="Step of the checkpoint the last preemption resumes from.")
     steps_redone: Optional[int] = Field(
         default=None, description="Optimizer steps trained again after preemptions: time lost to preemption.")
+
+
+class Workers(ApiModel):
+    """Pods of the current attempt."""
+
+    ready: int = Field(default=0, description="Ready pods.")
+    total: int = Field(default=1, description="Pods the attempt runs (spec.resources.nodes).")
+    summary: str = Field(default="", description="ready/total for kubectl get -o wide.")
 
 
 class LoRATrainingJobStatus(ApiModel):
@@ -117,6 +129,7 @@ class LoRATrainingJobStatus(ApiModel):
     artifacts: Optional[Artifacts] = Field(default=None, description="Published artifacts.")
     attempts: list[Attempt] = Field(default_factory=list, description="Trainer attempts, oldest first.")
     job_name: Optional[str] = Field(default=None, description="Current child batch/v1 Job.")
+    workers: Optional[Workers] = Field(default=None, description="Ready/total pods of the current attempt.")
     skipped_lines: Optional[int] = Field(default=None, description="Invalid data lines skipped.")
     dataset_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 per dataset file.")
     start_time: Optional[str] = Field(default=None, description="When training first started.")

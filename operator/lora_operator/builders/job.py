@@ -41,6 +41,8 @@ class JobParams:
     queue_name: str | None = None
     termination_grace_seconds: int = 120
     ephemeral_storage: str = DEFAULT_EPHEMERAL_STORAGE  # when spec.resources.ephemeralStorage is empty
+    rendezvous_timeout_seconds: int = 600  # multi-node: how long pod 0 waits for the others
+    collective_timeout_seconds: int = 1800  # multi-node: how long a rank waits in one collective
 
 
 def build_job(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams) -> dict[str, Any]:
@@ -134,14 +136,18 @@ def _command(owner: Owner, spec: LoRATrainingJobSpec, params: JobParams, name: s
     res = spec.resources
     if res.nodes == 1:
         return [*params.trainer_command, CONFIG_PATH]
-    main = f"{name}-0.{service_name(owner.name)}"
+    # torchrun's static rendezvous: pod 0's agent serves the store on MAIN_PORT and waits at most
+    # the timeout for the others; no restarts inside a pod (a new attempt resumes from a checkpoint).
+    # lora_trainer.launch is torchrun that keeps the failed rank's exit code (2, 143) for the operator.
     return [
-        "accelerate", "launch",
-        "--num_machines", str(res.nodes),
-        "--machine_rank", "$(JOB_COMPLETION_INDEX)",
-        "--main_process_ip", main,
-        "--main_process_port", str(MAIN_PORT),
-        "--num_processes", str(res.nodes * res.gpus),
+        "python", "-m", "lora_trainer.launch",
+        "--nnodes", str(res.nodes),
+        "--node_rank", "$(JOB_COMPLETION_INDEX)",
+        "--nproc_per_node", str(max(res.gpus, 1)),
+        "--master_addr", f"{name}-0.{service_name(owner.name)}",
+        "--master_port", str(MAIN_PORT),
+        "--rdzv_conf", f"timeout={params.rendezvous_timeout_seconds}",
+        "--max_restarts", "0",
         "-m", "lora_trainer", "run", CONFIG_PATH,
     ]
 
@@ -159,6 +165,8 @@ def _env(spec: LoRATrainingJobSpec, params: JobParams) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "LORA_TERMINATION_LOG", "value": TERMINATION_LOG},  # the trainer writes its summary here
     ]
+    if spec.resources.nodes > 1:
+        env.append({"name": "LORA_COLLECTIVE_TIMEOUT_S", "value": str(params.collective_timeout_seconds)})
     if pvc_claims(spec):
         env.append({"name": "LORA_PVC_ROOT", "value": PVC_ROOT})
     endpoint = spec.storage.endpoint or params.endpoint

@@ -29,11 +29,12 @@ Key = tuple[str, str]
 
 def slim(job: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a Job the reconciler reads (a fraction of the full object's memory)."""
-    meta = job.get("metadata", {})
+    meta, spec = job.get("metadata", {}), job.get("spec") or {}
     keep = ("name", "namespace", "uid", "labels", "ownerReferences", "creationTimestamp", "resourceVersion")
     return {"apiVersion": job.get("apiVersion", "batch/v1"), "kind": job.get("kind", "Job"),
             "metadata": {k: meta[k] for k in keep if k in meta},
-            "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+            "spec": {"suspend": bool(spec.get("suspend")),  # multi-node: pods per attempt, ranks by index
+                     **{k: spec[k] for k in ("parallelism", "completionMode") if k in spec}},
             "status": dict(job.get("status") or {})}
 
 

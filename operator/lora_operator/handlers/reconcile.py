@@ -43,6 +43,7 @@ from ..status import (
     Observed,
     WorkloadView,
     accept_report,
+    attempt_events,
     check_kueue,
     check_policy,
     check_quota,
@@ -253,7 +254,9 @@ class Reconciler:
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
                            endpoint=endpoint, queue_name=queue,
                            termination_grace_seconds=self.config.termination_grace_seconds,
-                           ephemeral_storage=self.config.default_ephemeral_storage)
+                           ephemeral_storage=self.config.default_ephemeral_storage,
+                           rendezvous_timeout_seconds=self.config.rendezvous_timeout_seconds,
+                           collective_timeout_seconds=self.config.collective_timeout_seconds)
         job = self._create(owner, build_job(owner, spec, params))
         log.info("attempt %d of %s/%s: Job %s", attempt, owner.namespace, owner.name, job["metadata"]["name"])
         self.kube.emit_event(body, "Normal", "AttemptStarted", f"Job {job['metadata']['name']} (attempt {attempt})")
@@ -318,7 +321,8 @@ class Reconciler:
         status = derive_status(obs)
         if status != {k: prev.get(k) for k in OWNED_FIELDS}:
             self.kube.patch_status(meta["namespace"], meta["name"], status)
-        for event in transition_events(prev.get("conditions"), status["conditions"]):
+        for event in [*attempt_events(prev.get("attempts"), status["attempts"]),
+                      *transition_events(prev.get("conditions"), status["conditions"])]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)
             self.kube.emit_event(body, event.type, event.reason, event.message)
         self._observe(meta, prev, status)

@@ -26,7 +26,8 @@ def merge_attempts(previous: Iterable[Mapping[str, Any]], jobs: Iterable[JobView
             record["finishedAt"] = record.get("finishedAt") or job.completion_time
         if job.failure:
             record.update(reason=job.failure.reason, exitCode=job.failure.exit_code,
-                          message=(job.failure.message or "")[:MAX_MESSAGE] or None)
+                          message=(job.failure.message or "")[:MAX_MESSAGE] or None,
+                          failedRank=job.failure.node_rank, failedPod=job.failure.pod)
         elif job.outcome == "Succeeded" and "exitCode" not in record:
             record["exitCode"] = 0
         by_index[job.attempt] = {k: v for k, v in record.items() if v is not None}
@@ -51,7 +52,10 @@ def final_failure_reason(attempts: list[Mapping[str, Any]], max_retries: int) ->
 
 
 def describe_failure(attempt: Mapping[str, Any]) -> str:
-    text = f"attempt {attempt.get('index')} ({attempt.get('jobName')}) failed: {attempt.get('reason', 'Error')}"
+    text = f"attempt {attempt.get('index')} ({attempt.get('jobName')}) failed: "
+    if attempt.get("failedRank") is not None:
+        text += f"node rank {attempt['failedRank']} (pod {attempt.get('failedPod')}) first, "
+    text += attempt.get("reason", "Error")
     if attempt.get("exitCode") is not None:
         text += f", exit code {attempt['exitCode']}"
     if attempt.get("message"):

@@ -30,7 +30,7 @@ PHASE_OF_RUNNING = {c.PREPARING: "Training", c.TRAINING: "Training", c.EVALUATIN
 WAITING_REASONS = {c.QUEUED, c.QUOTA_EXCEEDED, c.MAX_RUNNING_JOBS, c.KUEUE_NOT_INSTALLED}
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Rejected"})
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "progress", "checkpoints", "evaluation",
-                "artifacts", "attempts", "jobName", "skippedLines", "datasetHashes", "startTime",
+                "artifacts", "attempts", "jobName", "workers", "skippedLines", "datasetHashes", "startTime",
                 "completionTime")
 
 
@@ -50,12 +50,20 @@ def derive_status(obs: Observed) -> dict[str, Any]:
         "conditions": conditions,
         "attempts": attempts,
         "jobName": current.name if current else prev.get("jobName"),
+        "workers": _workers(current) if current else prev.get("workers"),
         "startTime": prev.get("startTime") or _first_start(obs),
         "completionTime": prev.get("completionTime") or (
             ((current and current.completion_time) or obs.now) if phase in TERMINAL_PHASES else None),
         **carried,
     }
     return {k: status.get(k) for k in OWNED_FIELDS}
+
+
+def _workers(job) -> dict[str, Any]:
+    """Ready/total pods of the current attempt (kubectl get -o wide): a multi-node attempt whose
+    pods are not all ready is waiting for one (unschedulable, pulling, rendezvous)."""
+    ready = 0 if job.outcome else job.ready
+    return {"ready": ready, "total": job.parallelism, "summary": f"{ready}/{job.parallelism}"}
 
 
 def _first_start(obs: Observed) -> str | None:
@@ -184,7 +192,10 @@ def _running(obs: Observed, live) -> dict:
         reason = REASON_OF_STATE[state]
     else:
         reason = previous.get("reason") if previous.get("reason") in PHASE_OF_RUNNING else c.PREPARING
-    return c.condition(c.RUNNING, c.TRUE, reason, f"attempt {live.attempt}: {reason.lower()}")
+    message = f"attempt {live.attempt}: {reason.lower()}"
+    if live.parallelism > 1 and live.ready < live.parallelism:
+        message += f"; {live.ready}/{live.parallelism} pods ready"
+    return c.condition(c.RUNNING, c.TRUE, reason, message)
 
 
 def _evaluated(carried: Mapping[str, Any]) -> dict:

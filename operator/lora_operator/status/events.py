@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import conditions as c
+from .attempts import describe_failure
 
 # kstatus conditions mirror the others; an Event for them would only repeat one.
 _SILENT = {c.READY, c.RECONCILING, c.STALLED}
@@ -40,3 +41,12 @@ def transition_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[st
         text = f"{cond['type']}={cond['status']}" + (f": {cond['message']}" if cond.get("message") else "")
         events.append(Event("Warning" if warning else "Normal", cond["reason"], text[:1024]))
     return events
+
+
+def attempt_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """One Warning per attempt that failed since the last pass, naming its cause (and, for a
+    multi-node attempt, the pod and node rank that failed first). A failed attempt is followed by the
+    next one in the same pass, so the Running condition alone would never show it."""
+    failed_before = {a.get("index") for a in old or () if a.get("outcome") == "Failed"}
+    return [Event("Warning", "AttemptFailed", describe_failure(a)[:1024])
+            for a in new or () if a.get("outcome") == "Failed" and a.get("index") not in failed_before]

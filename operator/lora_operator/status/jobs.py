@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..api import EXIT_DIVERGED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
 from ..builders import LABEL_ATTEMPT
 from . import conditions as c
 from .observed import Failure, JobView
+
+KILLED_EXIT = 137  # SIGKILL from outside: a lost node, a kill, the OOM killer
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
 def _true_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
@@ -84,14 +88,29 @@ def config_error(pods: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:
 
 
 def job_failure(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> Failure:
-    """Why a failed Job failed: its worst pod, else the Job's own Failed condition."""
+    """Why a failed Job failed: the pod that failed first, else the Job's own Failed condition."""
     failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
     if failed:
-        return pod_failure(min(failed, key=lambda p: p["metadata"]["name"]))
+        first = min(failed, key=_failure_order)
+        failure = pod_failure(first)
+        index = (first["metadata"].get("annotations") or {}).get(INDEX_ANNOTATION)
+        if (job.get("spec") or {}).get("completionMode") == "Indexed" and index is not None:
+            return replace(failure, node_rank=int(index), pod=first["metadata"]["name"])
+        return failure
     cond = _true_condition(job, "Failed") or {}
     if cond.get("reason") == c.DEADLINE_EXCEEDED:
         return Failure(c.DEADLINE_EXCEEDED, None, cond.get("message"))
     return Failure(c.POD_LOST, None, cond.get("message") or "the pod disappeared before it finished")
+
+
+def _failure_order(pod: Mapping[str, Any]) -> tuple:
+    """Earliest first: in a multi-node attempt the other ranks fail because of the first one (a
+    lost peer, the Job controller stopping them). Within one second (the resolution of
+    finishedAt), a pod killed from outside goes first: its peers only noticed."""
+    term = _terminated(pod) or {}
+    external = term.get("exitCode") == KILLED_EXIT or term.get("reason") == "OOMKilled" \
+        or pod.get("status", {}).get("reason") == "Evicted"
+    return term.get("finishedAt") or "~", not external, pod["metadata"]["name"]
 
 
 def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] | None = None) -> JobView:
@@ -114,6 +133,7 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]] | None = 
         suspended=bool(spec.get("suspend")),
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
+        parallelism=int(spec.get("parallelism") or 1),
         finished_pods=int(status.get("succeeded") or 0) + int(status.get("failed") or 0),
         terminating=int(status.get("terminating") or 0),
         waiting=config_error(pods) if pods and outcome is None else None,

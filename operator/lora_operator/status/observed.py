@@ -16,6 +16,8 @@ class Failure:
     reason: str
     exit_code: int | None = None
     message: str | None = None
+    node_rank: int | None = None  # multi-node: the failed pod's completion index
+    pod: str | None = None  # multi-node: the failed pod's name
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class JobView:
     suspended: bool = False
     active: int = 0
     ready: int = 0
+    parallelism: int = 1  # pods the attempt runs at once (spec.resources.nodes)
     finished_pods: int = 0  # succeeded + failed pods; >0 with active == 0: the Job is concluding
     terminating: int = 0  # pods being deleted (status.terminating); a new attempt waits for 0
     waiting: tuple[str, str] | None = None  # (reason, message) of a pod the kubelet cannot start

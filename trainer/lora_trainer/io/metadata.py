@@ -57,10 +57,12 @@ def chat_template_sha256(tokenizer) -> Optional[str]:
 def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: dict[str, str],
                    files: dict[str, str], dataset_hashes: dict[str, str], run_id: str,
                    started_at: Optional[str] = None, warnings: Optional[list[str]] = None,
-                   data: Optional[dict[str, Any]] = None, vllm: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   data: Optional[dict[str, Any]] = None, vllm: Optional[dict[str, Any]] = None,
+                   world_size: int = 1) -> dict[str, Any]:
     """The metadata document. `spec` is the resolved LoRATrainingJobSpec; `report` the EvalReport
     (with its `merged` verification when merged weights were exported); `data` what data
-    preparation resolved (maxSeqLength, dropped and truncated examples); `vllm` the serving check."""
+    preparation resolved (maxSeqLength, dropped and truncated examples); `vllm` the serving check;
+    `world_size` the training processes of the run (rank 0 writes: `distributed.rank` is 0)."""
     targets = adapter_config.get("target_modules")
     return {
         "schemaVersion": SCHEMA_VERSION,
@@ -80,6 +82,7 @@ def build_metadata(spec, report, *, adapter_config: dict, tokenizer, artifacts: 
         "quantization": spec.quantization,
         "computeDtype": spec.compute_dtype,
         "checkpointStep": report.checkpoint_step,
+        "distributed": {"rank": 0, "worldSize": world_size, "nodes": spec.resources.nodes},
         "eval": report.to_dict(),
         "spec": spec.to_wire(),  # every hyperparameter, defaults resolved
         "data": dict(data or {}),

@@ -33,6 +33,8 @@ Schema (camelCase; every key is always present, unknown values are null):
   trainableParams   trainable (LoRA) parameters (int)
   trainableFraction trainable / all parameters (float)
   attempt           attempt number (LORA_ATTEMPT, from 1) (int)
+  rank              rank of the writer: always 0, the only rank that writes (int)
+  worldSize         training processes of this attempt, all nodes together (int)
   updatedAt         RFC 3339 UTC time of this write (str)
   error             one-line error message when Failed (str)
   eval              gate outcome {verdict, reasons, results} in the shape of status.evaluation,
@@ -135,7 +137,7 @@ class ProgressWriter:
 def write_termination_message(path: Path, data: dict) -> None:
     """One-line JSON summary for the pod's termination message (Kubernetes keeps 4 KiB)."""
     keys = ("state", "step", "totalSteps", "loss", "evalLoss", "lastCheckpoint", "bestCheckpoint",
-            "attempt", "error")
+            "attempt", "rank", "worldSize", "error")
     summary = {k: data.get(k) for k in keys}
     if summary.get("error"):
         summary["error"] = str(summary["error"])[:2000]

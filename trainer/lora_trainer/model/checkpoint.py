@@ -154,20 +154,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_local(dest: Path, model, optimizer, scheduler, state: dict) -> Path:
-    """Adapter weights (PEFT format), optimizer, scheduler, RNG states and `state.json`."""
+def rng_file(rank: int) -> str:
+    """Rank 0's RNG state is rng.pt (as in single-process checkpoints); rank k's is rng-rank-k.pt."""
+    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
+
+
+def save_local(dest: Path, model, optimizer, scheduler, state: dict,
+               rng_states: Optional[list[dict]] = None) -> Path:
+    """Adapter weights (PEFT format), optimizer, scheduler, the RNG state of every rank
+    (`rng_states[k]` of rank k; default: this process's) and `state.json`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest / "adapter"), safe_serialization=True)
     torch.save(optimizer.state_dict(), dest / "optimizer.pt")
     torch.save(scheduler.state_dict(), dest / "scheduler.pt")
-    torch.save(rng_state(), dest / "rng.pt")
+    for rank, rng in enumerate(rng_states or [rng_state()]):
+        torch.save(rng, dest / rng_file(rank))
     (dest / "state.json").write_text(strictjson.dumps(state, sort_keys=True, indent=1))
     return dest
 
 
 def load_local(src: Path, model, optimizer, scheduler, where: Optional[str] = None) -> dict:
-    """Restore what save_local wrote; returns state.json.
+    """Restore what save_local wrote (rank 0's RNG state; other ranks then `restore_rng`);
+    returns state.json.
 
     Everything is decoded before anything is applied, and nothing is unpickled but tensors and
     plain containers: a bad file raises CheckpointInvalid and leaves model and optimizer untouched.
@@ -198,3 +207,18 @@ def load_local(src: Path, model, optimizer, scheduler, where: Optional[str] = No
             raise
         raise CheckpointInvalid(f"{where}: state does not fit this model ({type(exc).__name__}: {exc})") from None
     return state
+
+
+def restore_rng(src: Path, rank: int, where: Optional[str] = None) -> bool:
+    """Restore this rank's own RNG state (after load_local); False when the checkpoint has none
+    for it (written by fewer ranks), so the caller reseeds."""
+    path = Path(src) / rng_file(rank)
+    if rank == 0 or not path.exists():
+        return rank == 0
+    try:
+        set_rng_state(load_tensors(path, where or str(src)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointInvalid):
+            raise
+        raise CheckpointInvalid(f"{where or src}: {path.name} unusable ({type(exc).__name__})") from None
+    return True
