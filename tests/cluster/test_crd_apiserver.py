@@ -30,7 +30,9 @@ def _with(path, value, name):
 def test_should_accept_the_example_and_show_printer_columns(cluster, namespace, crd):
     _apply(cluster, namespace, EXAMPLE, check=True)
     header = cluster.kubectl("get", "ltj", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "PROGRESS", "EVAL", "AGE"]
+    assert header == ["NAME", "PHASE", "PROGRESS", "EVAL", "ADMISSION", "AGE"]  # Admission: Kueue's words
+    wide = cluster.kubectl("get", "ltj", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
+    assert {"LOSS", "WORKERS"} <= set(wide)
     stored = yaml.safe_load(cluster.kubectl("get", "ltj", "minimal", "-n", namespace, "-o", "yaml").stdout)
     assert stored["spec"]["lora"]["rank"] == 16, "the API server should apply the schema defaults"
     assert stored["spec"]["quantization"] == "nf4"

@@ -165,7 +165,7 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
     golden (uninterrupted) final loss and eval loss, within the trainer resume test's tolerance."""
     import tiny
 
-    from lora_trainer.storage import fingerprint_dir
+    from lora_trainer.io.storage import fingerprint_dir
 
     golden = json.loads((REPO / "tests" / "trainer" / "golden" / "tiny_chat_losses.json").read_text())
     base = tiny.make_tiny_base(tmp_path / "base")
