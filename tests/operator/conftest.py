@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -85,3 +86,28 @@ def storage(cluster, namespace, s3, api, make_spec_dict):
         "metadata": {"name": "s3-credentials"},
         "stringData": {"AWS_ACCESS_KEY_ID": cluster.s3_access_key, "AWS_SECRET_ACCESS_KEY": cluster.s3_secret_key}})
     return SimpleNamespace(client=s3.client, bucket=s3.bucket, spec_dict=make_spec_dict)
+
+
+@pytest.fixture
+def least_privilege_kubeconfig(cluster, namespace, api, tmp_path):
+    """A kubeconfig for a ServiceAccount bound to exactly config.RBAC_RULES."""
+    import yaml
+
+    from lora_operator.config import RBAC_RULES
+
+    name = f"lora-operator-{namespace}"[:63]
+    api["core"].create_namespaced_service_account(namespace, {"metadata": {"name": "lora-operator"}})
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": [dict(rule) for rule in RBAC_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": "lora-operator", "namespace": namespace}]}]))
+    token = cluster.kubectl("create", "token", "lora-operator", "-n", namespace, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = tmp_path / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    yield str(path)
+    cluster.kubectl("delete", "clusterrolebinding,clusterrole", name, check=False)

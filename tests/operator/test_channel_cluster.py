@@ -46,7 +46,7 @@ def kube(cluster):
 
 
 @pytest.fixture
-def platform(cluster, namespace, s3, kube, crds, tmp_path, least_privilege, make_spec_dict):
+def platform(cluster, namespace, s3, kube, crds, tmp_path, least_privilege_kubeconfig, make_spec_dict):
     """The tenant's bucket + Secret, the platform's channel-root bucket, and a running operator."""
     s3.client.make_bucket(s3.bucket)
     root_bucket = f"channels-{uuid.uuid4().hex[:10]}"
@@ -57,7 +57,7 @@ def platform(cluster, namespace, s3, kube, crds, tmp_path, least_privilege, make
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "KUBECONFIG": least_privilege, "LORA_S3_ENDPOINT": cluster.s3_endpoint,
+    env = {**os.environ, "KUBECONFIG": least_privilege_kubeconfig, "LORA_S3_ENDPOINT": cluster.s3_endpoint,
            "LORA_S3_ACCESS_KEY_ID": cluster.s3_access_key, "LORA_S3_SECRET_ACCESS_KEY": cluster.s3_secret_key,
            "LORA_CHANNEL_ROOT": f"s3://{root_bucket}/channels",
            "LORA_TRAINER_COMMAND": f"{sys.executable} {FAKE_TRAINER} run", "LORA_RESYNC_INTERVAL": "1",
@@ -80,29 +80,6 @@ def platform(cluster, namespace, s3, kube, crds, tmp_path, least_privilege, make
     for obj in s3.client.list_objects(root_bucket, recursive=True):
         s3.client.remove_object(root_bucket, obj.object_name)
     s3.client.remove_bucket(root_bucket)
-
-
-@pytest.fixture
-def least_privilege(cluster, namespace, kube, tmp_path):
-    """A kubeconfig for a ServiceAccount bound to exactly config.RBAC_RULES."""
-    from lora_operator.config import RBAC_RULES
-
-    name = f"lora-operator-{namespace}"[:63]
-    kube[1].create_namespaced_service_account(namespace, {"metadata": {"name": "lora-operator"}})
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
-         "rules": [dict(rule) for rule in RBAC_RULES]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": "lora-operator", "namespace": namespace}]}]))
-    token = cluster.kubectl("create", "token", "lora-operator", "-n", namespace, "--duration=1h").stdout.strip()
-    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    for user in config["users"]:
-        user["user"] = {"token": token}
-    path = tmp_path / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    yield str(path)
-    cluster.kubectl("delete", "clusterrolebinding,clusterrole", name, check=False)
 
 
 def wait_for(fn, timeout=90, what="condition"):

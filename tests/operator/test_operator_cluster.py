@@ -10,7 +10,6 @@ import json
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from ltj_cluster import (
@@ -253,31 +252,6 @@ def test_should_fail_at_once_naming_the_line_when_the_real_trainer_meets_bad_dat
     assert conditions(status)["Failed"] == ("True", "InvalidInput")
     assert [a["exitCode"] for a in status["attempts"]] == [2], "invalid input must not be retried"
     assert "train.jsonl:5" in status["attempts"][0]["message"], status["attempts"][0]
-
-
-@pytest.fixture
-def least_privilege_kubeconfig(cluster, namespace, api, tmp_path):
-    """A kubeconfig for a ServiceAccount bound to exactly config.RBAC_RULES."""
-    import yaml
-
-    from lora_operator.config import RBAC_RULES
-
-    name = f"lora-operator-{namespace}"[:63]
-    api["core"].create_namespaced_service_account(namespace, {"metadata": {"name": "lora-operator"}})
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
-         "rules": [dict(rule) for rule in RBAC_RULES]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": "lora-operator", "namespace": namespace}]}]))
-    token = cluster.kubectl("create", "token", "lora-operator", "-n", namespace, "--duration=1h").stdout.strip()
-    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    for user in config["users"]:
-        user["user"] = {"token": token}
-    path = tmp_path / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    yield str(path)
-    cluster.kubectl("delete", "clusterrolebinding,clusterrole", name, check=False)
 
 
 def test_should_work_with_only_the_documented_rbac(namespace, api, storage, operator_factory,
