@@ -193,7 +193,8 @@ class SimPod(threading.Thread):
             client = self.runner.sim.storage.client(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"))
             self.s3 = (client, url.netloc, url.path.strip("/"))
         self.trainer = Trainer(output_uri=output, annotations=job["metadata"].get("annotations") or {},
-                               attempt=int(env.get("LORA_ATTEMPT") or 1), resume_step=resume_step(self._read_progress()))
+                               attempt=int(env.get("LORA_ATTEMPT") or 1), resume_step=resume_step(self._read_progress()),
+                               job_uid=job["metadata"].get("uid") or "")
         return trainer_script(self.trainer)
 
     def _trainer_config(self) -> dict | None:

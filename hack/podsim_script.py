@@ -34,7 +34,7 @@ POD_NOTE = "podsim.lora.dev/"
 PROGRESS_FIELDS = ("state", "step", "totalSteps", "epoch", "loss", "evalLoss", "learningRate",
                    "tokensPerSecond", "peakMemoryBytes", "mfu", "etaSeconds", "lastCheckpoint",
                    "bestCheckpoint", "bestEvalLoss", "datasetHashes", "skippedLines", "trainableParams",
-                   "trainableFraction", "attempt", "updatedAt", "error", "eval", "artifacts")
+                   "trainableFraction", "attempt", "updatedAt", "error", "eval", "artifacts", "jobUid")
 PREEMPTED_EXIT = 143
 
 
@@ -58,6 +58,7 @@ class Trainer:
     annotations: Mapping[str, str] = field(default_factory=dict)
     attempt: int = 1
     resume_step: int = 0  # the step of the latest checkpoint a previous attempt left
+    job_uid: str = ""  # the LoRATrainingJob's uid: the operator ignores a report without it
 
 
 def _number(notes: Mapping[str, str], key: str, default: float, kind=float):
@@ -82,6 +83,7 @@ def pod_script(annotations: Mapping[str, str]) -> list[Stage]:
 def template(trainer: Trainer, total: int) -> dict:
     data = dict.fromkeys(PROGRESS_FIELDS)
     data.update(state="Preparing", step=trainer.resume_step, totalSteps=total, attempt=trainer.attempt,
+                jobUid=trainer.job_uid,
                 skippedLines=0, datasetHashes={"s3://simulated/train.jsonl": "sha256:" + "0" * 64})
     return data
 
