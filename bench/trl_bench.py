@@ -15,7 +15,8 @@ Each run is a fresh process pinned to one thread; runs alternate (TRL first, the
 reverse) so drifting load on the shared machine hits both. Whole process = from the parent's spawn
 (interpreter start, imports, data preparation, model load, training) to the adapter on disk; ours
 includes its end-of-training held-out evaluation and checkpoint upload to local storage, TRL's has
-no evaluation. Train loop = ours `LoRARecipe.train()`, TRL `trainer.train()`. Held-out loss: the
+no evaluation. Train loop = ours `LoRARecipe.train()` (which also evaluates the 48 held-out
+examples at the last step and saves the checkpoint), TRL `trainer.train()`. Held-out loss: the
 same plain-PEFT function (`trainer_bench.heldout_loss`) on both adapters over the float32 base.
 """
 
@@ -193,6 +194,11 @@ def figures(ours: list[dict], trl: list[dict]) -> list[dict]:
             for f, a, b, r, tgt, ok in rows]
 
 
+def pair_ratios(ours: list[dict], trl: list[dict]) -> list[dict]:
+    """TRL / ours per back-to-back pair: on a shared machine the spread between pairs is the error bar."""
+    return [{"whole": t["whole_s"] / o["whole_s"], "loop": t["loop_s"] / o["loop_s"]} for o, t in zip(ours, trl)]
+
+
 def run(work: Path, n_train: int = 1080, rounds: int = 2, n_eval: int = 48) -> dict:
     """`rounds` pairs of runs, alternating which side goes first."""
     import transformers
@@ -210,7 +216,8 @@ def run(work: Path, n_train: int = 1080, rounds: int = 2, n_eval: int = 48) -> d
             "settings": {"n_train": n_train, "rounds": rounds, "threads": 1, "rank": RANK, "targets": TARGETS,
                          "epochs": EPOCHS, "max_len": MAX_LEN, "quantization": "nf4+double quant",
                          "gradient_checkpointing": "off on both"},
-            "raw": runs, "figures": figures(runs["ours"], runs["trl"])}
+            "raw": runs, "pairs": pair_ratios(runs["ours"], runs["trl"]),
+            "figures": figures(runs["ours"], runs["trl"])}
 
 
 if __name__ == "__main__":
