@@ -82,6 +82,12 @@ def _encode(tokenizer, path: str):
     return encode_all(tokenizer, records, "chat", False)
 
 
+def _fitting(examples):
+    """The examples ours trains (it drops those over maxSeqLength, the default onOverlong); the
+    baseline trains the same ones so both count the same useful tokens."""
+    return [e for e in examples if len(e) <= MAX_LEN]
+
+
 def heldout_loss(model, examples) -> float:
     """Mean cross-entropy over assistant tokens, one unpadded example at a time."""
     import torch
@@ -128,7 +134,7 @@ def child_ours(work: Path, paths: dict) -> dict:
     seconds = time.perf_counter() - t0
     assert code == 0, f"lora-trainer train exited {code}"
     rss = _rss_mb()
-    examples = _encode(load_tokenizer(Path(paths["base"])), paths["train"])
+    examples = _fitting(_encode(load_tokenizer(Path(paths["base"])), paths["train"]))
     rows, row_len = make_rows(examples, MAX_LEN, packing=True)
     store = LocalStore(work / "store" / "out")
     ref = ckpt.latest_complete(store, "bench")
@@ -148,7 +154,7 @@ def child_baseline(work: Path, paths: dict) -> dict:
 
     t0 = time.perf_counter()
     tok = load_tokenizer(Path(paths["base"]))
-    examples = _encode(tok, paths["train"])
+    examples = _fitting(_encode(tok, paths["train"]))
     rows = [{"input_ids": e.ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in examples]
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
