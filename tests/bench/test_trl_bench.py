@@ -25,6 +25,7 @@ def test_trl_comparison_trains_the_same_tokens_on_both_sides_and_reports_every_f
         assert 0 < side["loop_s"] < side["whole_s"] and side["rss_mb"] > 0
         assert math.isfinite(side["heldout_loss"])
     assert abs(ours["heldout_loss"] / trl["heldout_loss"] - 1) < 0.1  # same task, same LoRA: close
+    assert result["pairs"][0]["whole"] == trl["whole_s"] / ours["whole_s"]
     names = [f["figure"] for f in result["figures"]]
     assert len(names) == 5 and all("TRL" in n for n in names)
 
