@@ -2,7 +2,9 @@
 
     python bench/run.py                 # trainer, upload, operator (N = 50, 500, 1000, 2000)
     python bench/run.py --quick         # operator N = 50 only
-    python bench/run.py --only trainer  # one of: trainer, upload, operator
+    python bench/run.py --only trainer  # one of: trainer, trl, upload, operator
+    python bench/run.py --only trl --quick
+                                        # ours vs TRL SFTTrainer, 96 examples, one pair of runs
     python bench/run.py --only operator --sizes 50,1000 --baseline-ref 2771ff8
                                         # the scale series, and an earlier operator at N = 1000
 
@@ -29,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import operator_bench  # noqa: E402
 import trainer_bench  # noqa: E402
+import trl_bench  # noqa: E402
 import upload_bench  # noqa: E402
 
 
@@ -62,11 +65,12 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="operator N = 50 only")
+    parser.add_argument("--quick", action="store_true",
+                        help="operator N = 50 only; TRL comparison on 96 examples, one pair of runs")
     parser.add_argument("--sizes", default="50,500,1000,2000", help="operator N series (comma list)")
     parser.add_argument("--baseline-ref", help="also run this git ref's operator (before/after, same run)")
     parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
-    parser.add_argument("--only", choices=["trainer", "upload", "operator"])
+    parser.add_argument("--only", choices=["trainer", "trl", "upload", "operator"])
     args = parser.parse_args()
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
@@ -76,6 +80,8 @@ def main() -> int:
         subprocess.run([sys.executable, str(HERE.parent / "hack" / "localcluster.py"), "up"], check=True)
     suites = {
         "trainer": lambda: trainer_bench.run(work / "trainer"),
+        "trl": lambda: trl_bench.run(work / "trl", n_train=96 if args.quick else 1080,
+                                     rounds=1 if args.quick else 2),
         "upload": lambda: upload_bench.run(work / "upload"),
         "operator": lambda: operator_bench.run(
             work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,

@@ -1,16 +1,23 @@
-"""Trainer throughput, memory, padding and quality: ours vs the common HF `Trainer` + PEFT recipe.
+"""Trainer throughput, memory, padding and quality: ours vs two common recipes.
 
-Both runs use the same tiny Llama, the same variable-length chat data with the same assistant-only
-labels, the same LoRA (r=8 on the attention projections), seed, epochs and learning rate, each in
-its own process (so peak RSS is clean). The baseline pads each batch to its longest example, as
-`DataCollatorForSeq2Seq` does; ours is `lora-trainer train` with packing. Held-out loss is computed
-afterwards for both adapters by the same function on the same held-out examples.
+1. The plain HF `Trainer` + PEFT recipe that pads each batch to its longest example
+   (`DataCollatorForSeq2Seq`), float32, r=8 on the attention projections, 2 epochs.
+2. TRL's `SFTTrainer` as a careful user runs it today (see `trl_bench.py`): QLoRA (NF4 + double
+   quant, float32 compute on the CPU), r=16 on all projections, 1 epoch, `packing=True,
+   packing_strategy="bfd"` (padding-free rows, per-example attention from position ids) and
+   loss only on the completion of conversational prompt-completion data.
+
+Each run is its own process (so peak RSS is clean) pinned to one thread (OMP_NUM_THREADS=1,
+torch.set_num_threads(1)): on this shared 2-core machine a 2-thread run stalls whenever another
+process holds a core. Ours is `lora-trainer train` with packing on the same data. Held-out loss is
+computed afterwards for every adapter by the same plain-PEFT function on the same held-out examples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -75,6 +82,12 @@ def _encode(tokenizer, path: str):
     return encode_all(tokenizer, records, "chat", False)
 
 
+def _fitting(examples):
+    """The examples ours trains (it drops those over maxSeqLength, the default onOverlong); the
+    baseline trains the same ones so both count the same useful tokens."""
+    return [e for e in examples if len(e) <= MAX_LEN]
+
+
 def heldout_loss(model, examples) -> float:
     """Mean cross-entropy over assistant tokens, one unpadded example at a time."""
     import torch
@@ -121,7 +134,7 @@ def child_ours(work: Path, paths: dict) -> dict:
     seconds = time.perf_counter() - t0
     assert code == 0, f"lora-trainer train exited {code}"
     rss = _rss_mb()
-    examples = _encode(load_tokenizer(Path(paths["base"])), paths["train"])
+    examples = _fitting(_encode(load_tokenizer(Path(paths["base"])), paths["train"]))
     rows, row_len = make_rows(examples, MAX_LEN, packing=True)
     store = LocalStore(work / "store" / "out")
     ref = ckpt.latest_complete(store, "bench")
@@ -141,7 +154,7 @@ def child_baseline(work: Path, paths: dict) -> dict:
 
     t0 = time.perf_counter()
     tok = load_tokenizer(Path(paths["base"]))
-    examples = _encode(tok, paths["train"])
+    examples = _fitting(_encode(tok, paths["train"]))
     rows = [{"input_ids": e.ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in examples]
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
@@ -168,9 +181,16 @@ def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]  # shuffling changes little on average
 
 
+THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _run_child(kind: str, work: Path, paths: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--work", str(work),
-                          "--paths", json.dumps(paths)], capture_output=True, text=True, timeout=1200)
+    """One run in a fresh process; `spawned` lets it report wall time from process start."""
+    script = Path(__file__).with_name("trl_bench.py") if kind.startswith("trl") or kind == "ours-nf4" \
+        else Path(__file__)
+    out = subprocess.run([sys.executable, str(script), "--child", kind, "--work", str(work),
+                          "--paths", json.dumps(paths), "--spawned", repr(time.time())],
+                         capture_output=True, text=True, timeout=1800, env={**os.environ, **THREADS_ENV})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -203,9 +223,10 @@ if __name__ == "__main__":
     parser.add_argument("--child", choices=["ours", "baseline"], required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--paths", required=True)
+    parser.add_argument("--spawned", type=float)
     a = parser.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     fn = child_ours if a.child == "ours" else child_baseline
     print(json.dumps(fn(a.work, json.loads(a.paths))))
