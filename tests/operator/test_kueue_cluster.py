@@ -35,10 +35,11 @@ def queue(cluster, namespace):
         cq = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
               "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
                        "preemption": {"withinClusterQueue": "LowerPriority"},
-                       "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [
+                       "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"], "flavors": [
                            {"name": "gpu-flavor", "resources": [{"name": "cpu", "nominalQuota": 64},
                                                                 {"name": "memory", "nominalQuota": "256Gi"},
-                                                                {"name": "nvidia.com/gpu", "nominalQuota": gpus}]}]}]}}
+                                                                {"name": "nvidia.com/gpu", "nominalQuota": gpus},
+                                                                {"name": "ephemeral-storage", "nominalQuota": "8Ti"}]}]}]}}
         lq = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
               "metadata": {"name": "gpu", "namespace": namespace}, "spec": {"clusterQueue": name}}
         items = {"apiVersion": "v1", "kind": "List", "items": [cq, lq]}
