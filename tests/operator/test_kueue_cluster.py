@@ -89,7 +89,7 @@ def test_should_run_two_jobs_one_after_the_other_on_a_quota_of_one_gpu(cluster, 
 def test_should_checkpoint_when_preempted_by_a_higher_priority_job_and_resume_to_the_same_loss(
         cluster, namespace, api, storage, queue, operator_factory):
     queue(1)
-    operator_factory()
+    operator_factory(LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")  # policy: none by default
     apply(api, namespace, storage, name="low", queueName="gpu", annotations=steps(12),
           **{"resources.priorityClassName": "training-low"})
     wait_for(lambda: ((get(api, namespace, "low").get("status") or {}).get("progress") or {}).get("step", 0) >= 3,
@@ -181,7 +181,7 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
     golden_training = {"epochs": 2, "batchSize": 1, "learningRate": 0.005, "seed": 7, "checkpointEverySteps": 4,
                        "evalEverySteps": 4, "keepCheckpoints": 2}
     queue(1)
-    operator_factory(LORA_TRAINER_COMMAND="lora-trainer run")
+    operator_factory(LORA_TRAINER_COMMAND="lora-trainer run", LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")
     apply(api, namespace, storage, name="low", queueName="gpu", training=golden_training,
           **{**common, "resources.priorityClassName": "training-low"})
     wait_for(lambda: ((get(api, namespace, "low").get("status") or {}).get("progress") or {}).get("step", 0) >= 6,
