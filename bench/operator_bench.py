@@ -116,7 +116,9 @@ def _start_operator(namespace: str, log: Path, s3_endpoint: str, src: Path | Non
     health = f"http://127.0.0.1:{_free_port()}/healthz"
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG), "LORA_S3_ENDPOINT": s3_endpoint, "LORA_METRICS_PORT": "0",
            "LORA_LIVENESS_ENDPOINT": health, "LORA_RESYNC_INTERVAL": str(INTERVAL),
-           "LORA_PROGRESS_INTERVAL": str(INTERVAL)}
+           "LORA_PROGRESS_INTERVAL": str(INTERVAL),
+           # the jobs select the simulated node by hostname; the platform's policy must allow that key
+           "LORA_ALLOWED_NODE_SELECTOR_KEYS": "kubernetes.io/hostname"}
     if src is not None:  # the baseline tree's operator package first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(src / "operator"), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "lora_operator", "--namespace", namespace], env=env,
