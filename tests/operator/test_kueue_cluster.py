@@ -161,7 +161,7 @@ def _trainer_cli_ready() -> bool:
 @pytest.mark.skipif(not _trainer_cli_ready(), reason="lora-trainer CLI not installed")
 def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_losses(
         cluster, namespace, api, storage, queue, operator_factory, tmp_path):
-    """The low-priority job trains the golden configuration of tests/trainer (48 rows, 22 steps); a
+    """The low-priority job trains the golden configuration of tests/trainer (test_training.GOLDEN_JOB: 22 steps); a
     high-priority job preempts it mid-way; it resumes from its SIGTERM checkpoint and ends with the
     golden (uninterrupted) final loss and eval loss, within the trainer resume test's tolerance."""
     import tiny
@@ -178,7 +178,7 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
               "dataset.train": f"s3://{storage.bucket}/data/train.jsonl", "quantization": "none",
               "computeDtype": "float32", "lora": {"rank": 4, "dropout": 0.1, "targetModules": ["all-linear"]},
               "evaluation.maxSamples": 2, "evaluation.maxNewTokens": 4}
-    golden_training = {"epochs": 2, "batchSize": 1, "learningRate": 0.005, "seed": 7, "checkpointEverySteps": 4,
+    golden_training = {"epochs": 2, "batchSize": 4, "learningRate": 0.005, "seed": 7, "checkpointEverySteps": 4,
                        "evalEverySteps": 4, "keepCheckpoints": 2}
     queue(1)
     operator_factory(LORA_TRAINER_COMMAND="lora-trainer run", LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")
