@@ -184,8 +184,9 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
     operator_factory(LORA_TRAINER_COMMAND="lora-trainer run", LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")
     apply(api, namespace, storage, name="low", queueName="gpu", training=golden_training,
           **{**common, "resources.priorityClassName": "training-low"})
-    wait_for(lambda: ((get(api, namespace, "low").get("status") or {}).get("progress") or {}).get("step", 0) >= 6,
-             300, "low at step 6")
+    # Preempt early: 22 steps of 4 rows go by in seconds, and preemption takes a few.
+    wait_for(lambda: ((get(api, namespace, "low").get("status") or {}).get("progress") or {}).get("step", 0) >= 2,
+             300, "low at step 2")
     apply(api, namespace, storage, name="high", queueName="gpu", training={"maxSteps": 2},
           **{**common, "resources.priorityClassName": "training-high"})
     low = wait_phase(api, namespace, "Suspended", name="low", timeout=120)
@@ -194,7 +195,7 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
     low = wait_phase(api, namespace, "Succeeded", name="low", timeout=400)
     [attempt] = low["attempts"]
     assert attempt["preemptions"] == 1 and attempt["stepsRedone"] == 0, attempt
-    assert 6 <= attempt["resumeFromStep"] < golden["totalSteps"], attempt
+    assert 2 <= attempt["resumeFromStep"] < golden["totalSteps"], attempt
     assert low["progress"]["step"] == golden["totalSteps"]
     assert low["progress"]["loss"] == pytest.approx(golden["losses"][-1], abs=1e-4)
     assert low["progress"]["evalLoss"] == pytest.approx(golden["evalLoss"], abs=1e-4)
