@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ltj_cluster import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -82,16 +83,6 @@ def platform(cluster, namespace, s3, kube, crds, tmp_path, least_privilege_kubec
     s3.client.remove_bucket(root_bucket)
 
 
-def wait_for(fn, timeout=90, what="condition"):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
-
-
 class Platform:
     def __init__(self, namespace, s3, root_bucket, kube, log_path, spec_dict):
         self.namespace, self.s3, self.root_bucket, self.log_path = namespace, s3, root_bucket, log_path
@@ -115,7 +106,7 @@ class Platform:
         return (body.get("status") or {}).get("phase")
 
     def wait_job(self, name, phase):
-        return wait_for(lambda: self.job_phase(name) == phase, what=f"{name} {phase}")
+        return wait_for(lambda: self.job_phase(name) == phase, 90, f"{name} {phase}")
 
     def channel(self, job_name, name="production"):
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CHANNELS, {
@@ -135,7 +126,7 @@ class Platform:
 
     def wait_channel(self, check, what, name="production"):
         try:
-            return wait_for(lambda: (lambda s: s if check(s) else None)(self.status(name)), what=what)
+            return wait_for(lambda: (lambda s: s if check(s) else None)(self.status(name)), 90, what)
         except AssertionError:
             raise AssertionError(f"{what}; status: {self.status(name)}") from None
 

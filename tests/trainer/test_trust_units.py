@@ -11,6 +11,7 @@ import pytest
 
 from lora_trainer.evaluation import patterns
 from lora_trainer.io import identity, strictjson
+from lora_trainer.io.storage import file_sha256
 from lora_trainer.model import verify
 
 # --- bounded patterns -----------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def test_manifest_with_unsafe_names_or_missing_digests_is_invalid():
 
 def test_files_must_match_the_manifest_exactly(tmp_path):
     (tmp_path / "a").write_bytes(b"one")
-    manifest = {"files": {"a": verify.sha256_file(tmp_path / "a")}}
+    manifest = {"files": {"a": file_sha256(tmp_path / "a")}}
     verify.verify_files(tmp_path, manifest, "ckpt")
     (tmp_path / "extra").write_bytes(b"x")
     with pytest.raises(verify.CheckpointInvalid, match="not in the manifest"):

@@ -15,12 +15,12 @@ it is applied, so a half-valid one never leaves half its state in the model.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..io import strictjson
+from ..io.storage import file_sha256
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -58,14 +58,6 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     return data
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_files(local_dir: Path, manifest: dict, where: str) -> None:
     """Every listed file is present under `local_dir` with its digest, and nothing else is."""
     local_dir = Path(local_dir)
@@ -78,7 +70,7 @@ def verify_files(local_dir: Path, manifest: dict, where: str) -> None:
         path = local_dir / PurePosixPath(rel)
         if not path.is_file():
             raise CheckpointInvalid(f"{where}: {rel} is missing")
-        actual = sha256_file(path)
+        actual = file_sha256(path)
         if actual != digest:
             raise CheckpointInvalid(f"{where}: {rel} has sha256 {actual[:12]}..., the manifest says "
                                     f"{digest[:12]}...")
