@@ -32,6 +32,7 @@ from .io.progress import ProgressWriter, mfu, peak_memory_bytes
 from .io.reporting import StepReporter
 from .model import checkpoint as ckpt
 from .model import loading
+from .model.attention import PACKED_SDPA
 from .model.lora import add_lora, param_counts
 from .model.loss import sum_ce
 from .model.targets import check_targets
@@ -125,6 +126,7 @@ class LoRARecipe:
         self.warnings = [w for w in [coverage.warning()] if w]
         for warning in self.warnings:
             log.warning(warning)
+        self.per_example_attention = base.config._attn_implementation == PACKED_SDPA
         log.info("attention %s, gradient checkpointing %s", base.config._attn_implementation,
                  "on" if checkpointing else "off")
         model = add_lora(base, s.lora.rank, s.lora.effective_alpha, s.lora.dropout,
@@ -224,15 +226,16 @@ class LoRARecipe:
     # --- training ---------------------------------------------------------------------------------
 
     def _batch(self, rows):
-        if self.data.row_len:
-            return collate_packed(rows, self.data.row_len, self.tokenizer.pad_token_id)
+        if self.data.row_len:  # without the padding columns all rows end with
+            return collate_packed(rows, self.data.row_len, self.tokenizer.pad_token_id).trimmed()
         return collate_padded(rows, self.tokenizer.pad_token_id)
 
     def _sum_ce(self, batch, model=None) -> torch.Tensor:
         """Summed CE over the batch's trained tokens, without full-row logits (see loss.py)."""
         batch = batch.to(self.acc.device)
+        inputs = batch.model_inputs(segments=self.per_example_attention)
         with self.acc.autocast():
-            return sum_ce(model if model is not None else self.model, batch.model_inputs(), batch.labels)
+            return sum_ce(model if model is not None else self.model, inputs, batch.labels)
 
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:

@@ -33,23 +33,27 @@ def _load(path, attn="auto"):
 @pytest.mark.parametrize("family", NAMES)
 def test_attention_kernel_is_sdpa_where_supported_and_packed_logits_equal_unpacked(family_base, family):
     from lora_trainer.data.records import Example
+    from lora_trainer.model.attention import PACKED_SDPA
 
     path = family_base(family)
     want = "eager" if family == "gemma2" else "sdpa"
     assert m.attn_implementation(path) == want
     model = _load(path)
-    assert model.config._attn_implementation == want
+    assert model.config._attn_implementation == ("eager" if want == "eager" else PACKED_SDPA)
     tok = m.load_tokenizer(path)
     exs = [Example(ids, labels) for ids, labels in _examples(tok)]
     row_len = sum(len(e) for e in exs) + 3
     packed = collate_packed([exs], row_len, tok.pad_token_id)
     with torch.no_grad():
-        logits = model(**packed.model_inputs()).logits[0]
-        at = 0
-        for ex in exs:
-            alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits[0]
-            torch.testing.assert_close(logits[at:at + len(ex)], alone, atol=2e-5, rtol=1e-4)
-            at += len(ex)
+        # The mask transformers derives from restarting positions, and the per-example attention
+        # the training forward asks for with the examples' bounds: both equal each example alone.
+        for segments in (False, True):
+            logits = model(**packed.model_inputs(segments=segments)).logits[0]
+            at = 0
+            for ex in exs:
+                alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[at:at + len(ex)], alone, atol=2e-5, rtol=1e-4)
+                at += len(ex)
 
 
 @pytest.mark.parametrize("family", NAMES)

@@ -4,6 +4,9 @@ Packed rows carry no attention mask: `position_ids` restart at 0 for every examp
 padding tail), and transformers (sdpa/eager/flash) derives a per-example causal mask from the
 restarts when `attention_mask is None` and no cache is used. So no token attends across examples,
 and the logits equal those of the unpacked examples (tests/trainer/test_packing.py proves it).
+A packed batch also carries each example's (start, end) (`segments`): the training forward passes
+them to the per-example attention (model.attention), which then needs no mask at all, and
+`trimmed()` drops the padding columns every row of the batch has (padding-free for one row).
 
 A packed row holds up to maxSeqLength tokens, as TRL and Axolotl pack, so `batchSize` rows of a
 packed run carry about as many tokens as `batchSize` unpacked examples of the longest allowed
@@ -56,6 +59,18 @@ class Batch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # None for packed rows (see module docstring)
     n_tokens: int  # tokens that are not padding (for throughput)
+    segments: tuple | None = None  # packed rows: per row, (start, end) of each example
+
+    def trimmed(self) -> Batch:
+        """The same batch without the padding columns that end every row (exact: padding comes last,
+        attends to nothing real and carries no label)."""
+        if self.segments is None:
+            return self
+        width = max((row[-1][1] for row in self.segments if row), default=0)
+        if width >= self.input_ids.shape[1] or width == 0:
+            return self
+        return Batch(self.input_ids[:, :width], self.labels[:, :width], self.position_ids[:, :width],
+                     None, self.n_tokens, self.segments)
 
     @property
     def n_targets(self) -> int:
@@ -65,19 +80,25 @@ class Batch:
     def to(self, device) -> Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
         return Batch(self.input_ids.to(device), self.labels.to(device),
-                     self.position_ids.to(device), mask, self.n_tokens)
+                     self.position_ids.to(device), mask, self.n_tokens, self.segments)
 
-    def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "attention_mask": self.attention_mask, "use_cache": False}
+    def model_inputs(self, segments: bool = False) -> dict:
+        """Keyword arguments of the model's forward; `segments` adds the examples' bounds (only for
+        a model whose attention reads them: model.attention.PACKED_SDPA)."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                  "attention_mask": self.attention_mask, "use_cache": False}
+        if segments and self.segments is not None:
+            inputs["packed_segments"] = self.segments
+        return inputs
 
 
 def collate_packed(rows: list[list[Example]], row_len: int, pad_id: int) -> Batch:
     """Rows of exactly `row_len` tokens; positions restart per example."""
-    ids, labels, pos, real = [], [], [], 0
+    ids, labels, pos, real, segments = [], [], [], 0, []
     for row in rows:
-        r_ids, r_lab, r_pos = [], [], []
+        r_ids, r_lab, r_pos, r_seg = [], [], [], []
         for ex in row:
+            r_seg.append((len(r_ids), len(r_ids) + len(ex)))
             r_ids += ex.ids
             r_lab += ex.labels
             r_pos += range(len(ex))
@@ -86,8 +107,9 @@ def collate_packed(rows: list[list[Example]], row_len: int, pad_id: int) -> Batc
         ids.append(r_ids + [pad_id] * pad)
         labels.append(r_lab + [IGNORE] * pad)
         pos.append(r_pos + list(range(pad)))
+        segments.append(tuple(r_seg))
     t = torch.tensor
-    return Batch(t(ids), t(labels), t(pos), None, real)
+    return Batch(t(ids), t(labels), t(pos), None, real, tuple(segments))
 
 
 def collate_padded(rows: list[list[Example]], pad_id: int) -> Batch:

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..io import storage
+from . import attention
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,13 @@ def load_base(path: Path, quantization: str, double_quant: bool, compute_dtype: 
 
     dtype = DTYPES[compute_dtype]
     qconf = _quant_config(quantization, double_quant, dtype)
+    impl = attn_implementation(path, attn)
+    if impl == "sdpa":  # sdpa, with per-example attention for packed rows (model.attention)
+        impl = attention.register()
     device_map = {"": device} if qconf is not None else None
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, quantization_config=qconf, device_map=device_map,
-        attn_implementation=attn_implementation(path, attn),
+        attn_implementation=impl,
     )
     ckpt_kwargs = {"use_reentrant": False}
     if qconf is not None:
