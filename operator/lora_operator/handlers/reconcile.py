@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ from ..status import (
     workload_view,
 )
 from ..status.channel import resolve_champion
+from .starts import StartLedger
 
 log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
@@ -101,6 +103,7 @@ class Reconciler:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._progress: dict[str, _Read] = {}
+        self._starts = StartLedger()  # the namespace running limit under parallel passes
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -159,13 +162,17 @@ class Reconciler:
         blocked: Blocked | None = None
         started = False
         if decision.start_attempt:
-            blocked = self._previous_pods_gone(owner, jobs) or self._admission(owner, spec, queue)
-            if blocked is None:
-                try:
-                    jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
-                    started = True
-                except NameTaken as taken:
-                    blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
+            limited = self.config.policy.max_running_jobs_per_namespace > 0
+            with self._starts.lock(owner.namespace) if limited else nullcontext():  # count, then create
+                blocked = self._previous_pods_gone(owner, jobs) or self._admission(owner, spec, queue)
+                if blocked is None:
+                    try:
+                        jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
+                        started = True
+                    except NameTaken as taken:
+                        blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
+                if started and limited:
+                    self._starts.started(owner.namespace, jobs[-1].name, selector_labels(owner.name)[LABEL_JOB])
         # A Job created this pass has written nothing yet: read on the next pass, not now.
         progress = None if started else self._read_progress(body, owner, spec, jobs)
         return self._write(body, Observed(
@@ -237,7 +244,9 @@ class Reconciler:
         if self.config.policy.max_running_jobs_per_namespace:
             siblings = self.kube.list_jobs(owner.namespace, {"app.kubernetes.io/managed-by": MANAGED_BY})
             mine = selector_labels(owner.name)[LABEL_JOB]
-            blocked = check_running_limit(running_elsewhere(siblings, mine, LABEL_JOB), self.config)
+            listed = (j.get("metadata", {}).get("name") for j in siblings)
+            running = running_elsewhere(siblings, mine, LABEL_JOB) + self._starts.unseen(owner.namespace, listed, mine)
+            blocked = check_running_limit(running, self.config)
             if blocked:
                 return blocked
         return check_quota(self.kube.list_quotas(owner.namespace), spec)
