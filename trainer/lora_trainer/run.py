@@ -43,6 +43,7 @@ from . import export as exporting
 from .config import Job, RuntimeConfig
 from .data.prepare import Prepared, prepare_data
 from .data.records import DataError
+from .data.token_cache import token_cache
 from .evaluation import scoring
 from .io import identity as ident
 from .io import storage
@@ -110,7 +111,8 @@ def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: b
     skw = rt.store_kwargs(job)
     b = job.spec.base_model
     tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
-    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
+    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed,
+                            cache=token_cache(rt.work_dir / "cache"), **skw)  # inspect writes no output
     summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
                "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
     write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
@@ -232,7 +234,8 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
         base_dir = resolve_base(b.uri, b.revision, rt.work_dir, **skw)
     if prepared is None:
         tok = load_tokenizer(base_dir)
-        prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, **skw)
+        cache = token_cache(rt.work_dir / "cache", store, storage.join(key, "cache"), write_remote=True)
+        prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, cache=cache, **skw)
     mine = ident.of_job(job, prepared.dataset_hashes)
     local = rt.work_dir / "best"
     ref, manifest = best_checkpoint(store, key, mine, local)
