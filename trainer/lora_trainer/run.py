@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from lora_operator.api import SpecError
 
@@ -44,7 +44,8 @@ from .config import Job, RuntimeConfig
 from .data.prepare import Prepared, prepare_data
 from .data.records import DataError
 from .data.token_cache import token_cache
-from .evaluation import scoring
+from .evaluation import in_memory, scoring
+from .evaluation.base_cache import base_cache
 from .io import identity as ident
 from .io import storage
 from .io.identity import ForeignPrefix
@@ -186,6 +187,7 @@ class StageContext:
     identity: Optional[ident.JobIdentity] = None  # recorded with what is published
     checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
     world_size: int = 1  # training processes of the run that wrote the checkpoint
+    model: Any = None  # the trained PeftModel with this adapter loaded (evaluation.in_memory), or None
 
     @property
     def spec(self):
@@ -248,10 +250,13 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
-    # Free the training copy of the model before evaluation loads its own.
+    # The trained model is evaluated in place (evaluation.in_memory); the optimizer goes now.
+    trained = recipe.acc.unwrap_model(recipe.model, keep_fp32_wrapper=False)
     del recipe.model, recipe.optimizer
     gc.collect()
-    return build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
+    ctx = build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
+    ctx.model = in_memory.adopt(trained, ctx.adapter_dir, ctx.spec)
+    return ctx
 
 
 def evaluate(ctx: StageContext) -> scoring.EvalReport:
@@ -265,10 +270,14 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
                                                              **ctx.runtime.store_kwargs(ctx.job))
         ctx.dataset_hashes.update(hashes)
     tokenizer = load_tokenizer(ctx.base_dir)
+    cache = base_cache(ctx.runtime.work_dir / "cache", ctx.output_store, storage.join(ctx.output_key, "cache"),
+                       write_remote=True)  # only rank 0 evaluates
     report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
                               regression_records=regression, max_seq_length=ctx.max_seq_length,
                               checkpoint_step=ctx.checkpoint.step, champion_dir=_fetch_champion(ctx),
-                              champion=ctx.job.champion)
+                              champion=ctx.job.champion, model=ctx.model, base_cache=cache)
+    ctx.model = None  # export loads what it needs; free the trained model first
+    gc.collect()
     scoring.write_eval_json(ctx.output_store, ctx.output_key, report)
     if ctx.progress:
         ctx.progress.update(eval=scoring.progress_eval(report), datasetHashes=ctx.dataset_hashes)
