@@ -12,7 +12,9 @@ What each stage reads and writes:
   train     writes checkpoints/step-N/ (COMPLETE manifest last, with eval loss and job identity;
             a new best eval loss forces one), metrics.jsonl, progress.json.
   evaluate  reads the verified checkpoint with the lowest recorded eval loss and the held-out
-            records; writes eval.json, whatever the verdict.
+            records; writes eval.json, whatever the verdict. After training in this process it
+            scores the trained model with that checkpoint's adapter loaded (evaluation.in_memory);
+            the base's results come from cache/ when a verified entry matches (evaluation.base_cache).
   gate      pure: spec.evaluation + the measured metrics -> verdict (evaluation.gate); a refused
             adapter ends in state Rejected and nothing is published. No verdict, nothing published.
   export    writes published/<release>/ and, last, lora-metadata.json pointing at it (io.release).

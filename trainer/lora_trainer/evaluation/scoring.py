@@ -5,7 +5,7 @@ Entry points (`run.evaluate` calls these; nothing here does storage I/O except
 
     report = evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer,
                       regression_records=None, max_seq_length=None, checkpoint_step=None,
-                      champion_dir=None, champion=None)
+                      champion_dir=None, champion=None, model=None, base_cache=None)
     write_eval_json(store, output_key, report)        # <output>/eval.json, always (also when Rejected)
     progress_eval(report)                             # the dict for progress.json's `eval` key
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
@@ -15,7 +15,9 @@ Measurement rules:
   assistant turns only unless trainOnPrompt), unpacked, fitted to the training maxSeqLength as
   training fits (onOverlong); perplexity = exp(loss). Base and adapter see identical token sets.
 - The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
-  what training started from (quantized as in training).
+  what training started from (quantized as in training). Its results (loss, regression loss,
+  replies) are kept in `base_cache` when given and reused while every input matches
+  (evaluation.base_cache); pass rates are always recomputed from the replies.
 - Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records, prompts
   rendered as a server renders them (chatTemplateKwargs included), replies without the template's
   reasoning block (see `generation.py` for how prompts, references and checks are defined;
