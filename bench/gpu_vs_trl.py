@@ -50,6 +50,19 @@ def write_data(path: Path, n: int, max_words: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def fitting_rows(base: Path, path: Path, n: int, seq_len: int, scratch: Path) -> list[dict]:
+    """`n` records whose rendered conversation fits `seq_len` tokens: ours would drop a longer one
+    and TRL's bfd packing would truncate it, so both sides train exactly the same tokens."""
+    from lora_trainer.data.encoding import encode_chat
+    from lora_trainer.model.loading import load_tokenizer
+
+    tok = load_tokenizer(base)
+    rows = [r for r in write_data(scratch, 2 * n, seq_len)
+            if all(len(ex) <= seq_len for ex in encode_chat(tok, r["messages"]))][:n]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def setup(work: Path, cfg: dict, seq_len: int, device: str, n: int = 400) -> dict:
     """Base dir (random weights + tokenizer), data (chat + prompt-completion), job spec."""
     import gpu_qlora
@@ -65,9 +78,8 @@ def setup(work: Path, cfg: dict, seq_len: int, device: str, n: int = 400) -> dic
     store = work / "store"
     (store / "out").mkdir(parents=True, exist_ok=True)
     (store / "data").mkdir(parents=True, exist_ok=True)
-    max_words = seq_len - 32  # every example fits: both sides train the same tokens
-    rows = write_data(store / "data" / "train.jsonl", n, max_words)
-    write_data(store / "data" / "eval.jsonl", 4, min(max_words, 64), seed=1)
+    rows = fitting_rows(base, store / "data" / "train.jsonl", n, seq_len, work / "all.jsonl")
+    write_data(store / "data" / "eval.jsonl", 4, 16, seed=1)
     pc = work / "train-pc.jsonl"
     pc.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n"
                           for r in rows))
