@@ -343,13 +343,14 @@ class LoRARecipe:
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
         mine = rows[rank::world]
-        total = count = 0.0
+        total, count = torch.zeros((), device=self.acc.device, dtype=torch.float64), 0
         for i in range(0, len(mine), bs):
             batch = self._batch(mine[i:i + bs])
-            total += float(self._sum_ce(batch, model))
+            total += self._sum_ce(batch, model).to(torch.float64)  # no host sync per batch
             count += batch.n_targets
         self.model.train()
-        return self._all_sum(total) / max(self._all_sum(count), 1.0)
+        total_sum, count_sum = self._all_sums(torch.stack([total, total.new_tensor(float(count))]))
+        return total_sum / max(count_sum, 1.0)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
