@@ -45,8 +45,15 @@ class BaseSpy:
         monkeypatch.setattr(scoring, "_score_base", spy)
 
 
+def _spec(w):
+    """The support world's spec with fewer, shorter generations (these tests count, not judge)."""
+    spec = world.make_spec(w["root"])
+    spec.evaluation.max_samples, spec.evaluation.max_new_tokens = 3, 6
+    return spec
+
+
 def _evaluate(w, model, cache, spec=None, regression=True):
-    spec = spec or world.make_spec(w["root"])
+    spec = spec or _spec(w)
     reg = world.chat_examples(4, seed=3) if regression else None
     return scoring.evaluate(spec, w["base"], w["adapter"], w["records"], w["tokenizer"], model=model,
                             regression_records=reg, base_cache=cache)
@@ -78,11 +85,11 @@ def test_a_second_evaluation_reuses_the_base_and_reports_the_same(w, model, tmp_
 def test_a_changed_setting_misses(w, model, tmp_path, monkeypatch, change):
     _evaluate(w, model, _cache(tmp_path))
     spy = BaseSpy(monkeypatch)
-    spec, regression, records = world.make_spec(w["root"]), True, w["records"]
+    spec, regression, records = _spec(w), True, w["records"]
     if change == "maxNewTokens":
-        spec.evaluation.max_new_tokens = 11
+        spec.evaluation.max_new_tokens = 5
     elif change == "maxSamples":
-        spec.evaluation.max_samples = 7
+        spec.evaluation.max_samples = 2
     elif change == "seed":
         spec.training.seed = 8
     elif change == "records":
