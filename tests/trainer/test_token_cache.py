@@ -183,24 +183,14 @@ def test_an_entry_copied_under_another_key_is_refused(tmp_path, data, tiny_token
     other = tiny.make_chat_jsonl(tmp_path / "other.jsonl", 24, seed=9)
     _prepare(_dataset(other), tiny_tokenizer, tmp_path, _cache(tmp_path, remote=False))
     payload, manifest = _entry(tmp_path)
-    spy = Spy(monkeypatch)
-    _prepare(_dataset(data), tiny_tokenizer, tmp_path / "probe", None)
-    assert spy.calls == 2
-    ds = _dataset(data)
-    pairs_key = []
-    real_key = token_cache.encoding_key
-
-    def grab(*a, **kw):
-        pairs_key.append(real_key(*a, **kw))
-        return pairs_key[-1]
-
-    monkeypatch.setattr(token_cache, "encoding_key", grab)
-    _prepare(ds, tiny_tokenizer, tmp_path / "probe2", _cache(tmp_path / "probe2", remote=False))
-    key = pairs_key[-1]
+    ds, keys, real_key = _dataset(data), [], token_cache.encoding_key
+    monkeypatch.setattr(token_cache, "encoding_key", lambda *a, **kw: keys.append(real_key(*a, **kw)) or keys[-1])
+    _prepare(ds, tiny_tokenizer, tmp_path / "probe", _cache(tmp_path / "probe", remote=False))  # learn the key
+    key = keys[-1]
     m = json.loads(manifest.read_text())
     m["key"] = key
     (tmp_path / "work" / "cache" / f"tokens-{key}.json").write_text(json.dumps(m))
     (tmp_path / "work" / "cache" / f"tokens-{key}.safetensors").write_bytes(payload.read_bytes())
-    spy.calls = 0
+    spy = Spy(monkeypatch)
     _prepare(ds, tiny_tokenizer, tmp_path, _cache(tmp_path, remote=False))
     assert spy.calls == 2
