@@ -11,6 +11,12 @@ The GPU machine has torch/transformers/peft/accelerate but no bitsandbytes. Carr
     there: pip install bench/wheels/*.whl && python bench/gpu_qlora.py --out $OUT/gpu.json
 
 `python bench/gpu_qlora.py --dry-run` runs the same code on a tiny config on the CPU (2 steps).
+
+`--trl` runs the same QLoRA job through our trainer and through TRL's `SFTTrainer` (bfd packing,
+completion-only loss; see gpu_vs_trl.py) and reports tokens/s, MFU and peak memory of both with
+ratios: `python bench/gpu_qlora.py --trl --out $OUT/trl.json` (about 6 minutes on one H100/H200:
+random 7B weights written once, each side loads them in its own process); `--trl --dry-run` is
+the CPU smoke test of that path.
 MFU = 4 x params x tokens/s over a measured bf16 matmul peak (LoRA: forward 2N, backward 2N).
 
 `--memory` measures instead what bench/memory_bench.py measures on the CPU, for real sizes: peak
@@ -61,11 +67,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(cfg: dict, device: str, work: Path):
-    """Random bf16 weights saved once to local disk, then loaded quantized (NF4 + double quant)."""
+def save_random_base(cfg: dict, device: str, work: Path) -> Path:
+    """Random bf16 weights of `cfg`, saved once to local disk; returns the directory."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     name = {id(LLAMA_7B): "llama-7b-random", id(LLAMA3_8B): "llama3-8b-random"}.get(id(cfg), "llama-tiny-random")
     path = work / f"{name}-v{cfg['vocab_size']}"
@@ -75,6 +80,16 @@ def build_model(cfg: dict, device: str, work: Path):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(path, safe_serialization=True)
         del model
+    return path
+
+
+def build_model(cfg: dict, device: str, work: Path):
+    """The random base loaded quantized (NF4 + double quant), with LoRA r=16 on all linear layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = save_random_base(cfg, device, work)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
@@ -82,6 +97,12 @@ def build_model(cfg: dict, device: str, work: Path):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
 
 
 def count_params(model) -> int:
@@ -210,13 +231,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-qlora"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory", action="store_true", help="peak memory of one step, before/after (see above)")
+    parser.add_argument("--trl", action="store_true", help="ours vs TRL SFTTrainer on the same job (gpu_vs_trl.py)")
+    parser.add_argument("--checkpointing", action="store_true", help="--trl: gradient checkpointing on both sides")
+    parser.add_argument("--warmup", type=int, default=3, help="--trl: untimed steps first")
+    parser.add_argument("--side-timeout", type=int, default=420, help="--trl: seconds per side at most")
+    parser.add_argument("--trl-child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import sys
 
-    import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     device = "cpu" if args.dry_run else "cuda"
+    if args.trl or args.trl_child:
+        _trl(args)
+        return
     if args.memory:
         args.work.mkdir(parents=True, exist_ok=True)
         report = run_memory(args, device)
@@ -237,9 +266,25 @@ def main() -> None:
         r = measure(model, batches, device, steps, warmup, padded)
         r["mfu"] = 4 * n_params * r["useful_tokens_per_s"] / peak
         results[name] = r
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+    report = {"device": device_name(device),
               "params": n_params, "matmul_peak_flops": peak, "seq_len": seq_len, **results,
               "targets": {"peak_memory_bytes": 12e9, "mfu": 0.30}}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+def _trl(args) -> None:
+    import gpu_vs_trl
+    import torch
+
+    if args.dry_run:
+        args.seq_len, args.steps, args.warmup = 128, 2, 1
+        torch.set_num_threads(1)
+    if args.trl_child:  # one side, in its own process; the last stdout line is its JSON
+        print(json.dumps(gpu_vs_trl.child(args.trl_child, args)))
+        return
+    report = gpu_vs_trl.run(args)
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -62,3 +62,19 @@ def test_operator_bench_runs_jobs_to_succeeded_on_simulated_pods_and_counts_api_
     assert raw["requests_per_job_min"] > 0 and raw["operator_peak_rss_mb"] > 0
     # (idle PATCHes are counted cluster-wide: other test sessions' operators may patch meanwhile)
     assert any(f["figure"].startswith("apply->Job p95") for f in result["figures"])
+
+
+@pytest.mark.slow
+def test_gpu_script_trl_dry_run_reports_ours_and_trl_with_ratios(tmp_path):
+    """The GPU comparison with TRL SFTTrainer runs end to end at tiny size on the CPU: both sides
+    train their timed steps and the report carries tokens/s, MFU and the ratio."""
+    out = tmp_path / "trl.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_qlora.py"), "--trl", "--dry-run", "--work",
+                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for side in ("ours", "trl"):
+        assert report[side]["timed_steps"] == 2 and report[side]["timed_tokens"] > 0
+        assert report[side]["tokens_per_s"] > 0 and report[side]["mfu"] > 0
+    assert report["ratios"]["tokens_per_s"] == pytest.approx(
+        report["ours"]["tokens_per_s"] / report["trl"]["tokens_per_s"])

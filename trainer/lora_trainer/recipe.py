@@ -26,6 +26,7 @@ import torch
 from .config import Job, RuntimeConfig
 from .data.packing import Schedule, collate_packed, collate_padded
 from .data.prepare import prepare_data
+from .data.token_cache import token_cache
 from .io import identity as ident
 from .io import preflight, release, storage, strictjson
 from .io.progress import ProgressWriter, mfu, peak_memory_bytes
@@ -110,8 +111,10 @@ class LoRARecipe:
             self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
         self.tokenizer = loading.load_tokenizer(self.base_dir)
         with self.acc.local_main_process_first():
+            cache = token_cache(self.rt.work_dir / "cache", self.out_store,
+                                storage.join(self.out_key, "cache"), write_remote=self.rank0)
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
-                                     self.spec.training.seed, **skw)
+                                     self.spec.training.seed, cache=cache, **skw)
         log.info("data: %s", self.data.summary())
         self.identity = ident.of_job(self.job, self.data.dataset_hashes)
         if self.rank0:
@@ -252,21 +255,33 @@ class LoRARecipe:
         t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
         return float(self.acc.reduce(t, reduction="sum").item())
 
+    def _all_sums(self, values: torch.Tensor) -> list[float]:
+        """Sums over ranks of a 1-d float64 tensor on the device: one host sync, one collective."""
+        if self.acc.num_processes > 1:
+            values = self.acc.reduce(values, reduction="sum")
+        return values.tolist()
+
     def train_step(self) -> dict:
-        """One optimizer step over `accum` micro-batches; returns its metrics."""
+        """One optimizer step over `accum` micro-batches; returns its metrics.
+
+        The summed loss stays on the device until every backward pass is queued, so a step costs
+        one host sync (plus the token-count all-reduce that scales the loss), not one per
+        micro-batch."""
         epoch, in_epoch = divmod(self.step, self.schedule.steps_per_epoch)
         micro = self.schedule.micro_batches(epoch, in_epoch, self.acc.process_index)
         batches = [self._batch([self.data.train_rows[i] for i in idx]) for idx in micro]
         n_targets = self._all_sum(sum(b.n_targets for b in batches))
         scale = self.acc.num_processes / max(n_targets, 1.0)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.acc.device, dtype=torch.float64)
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
             with nullcontext() if sync else self.acc.no_sync(self.model):
                 ce = self._sum_ce(batch)
                 self.acc.backward(ce * scale)
-            loss_sum += float(ce.detach())
-        loss = self._all_sum(loss_sum) / max(n_targets, 1.0)
+            loss_sum += ce.detach().to(torch.float64)
+        tokens = float(sum(b.n_tokens for b in batches))
+        loss_total, tokens = self._all_sums(torch.stack([loss_sum, loss_sum.new_tensor(tokens)]))
+        loss = loss_total / max(n_targets, 1.0)
         if not math.isfinite(loss):  # every rank sees the same sum, so all stop together
             raise Diverged(f"non-finite loss ({loss}) at step {self.step + 1}: training diverged; the step "
                            "was not applied (lower training.learningRate, or check the data)")
@@ -277,8 +292,7 @@ class LoRARecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "learningRate": lr,
-                "tokens": self._all_sum(sum(b.n_tokens for b in batches)),
+        return {"loss": loss, "learningRate": lr, "tokens": tokens,
                 "epoch": self.step / self.schedule.steps_per_epoch}
 
     def train(self) -> None:
@@ -341,13 +355,14 @@ class LoRARecipe:
         rows = self.data.eval_rows
         rank, world, bs = self.acc.process_index, self.acc.num_processes, self.spec.training.batch_size
         mine = rows[rank::world]
-        total = count = 0.0
+        total, count = torch.zeros((), device=self.acc.device, dtype=torch.float64), 0
         for i in range(0, len(mine), bs):
             batch = self._batch(mine[i:i + bs])
-            total += float(self._sum_ce(batch, model))
+            total += self._sum_ce(batch, model).to(torch.float64)  # no host sync per batch
             count += batch.n_targets
         self.model.train()
-        return self._all_sum(total) / max(self._all_sum(count), 1.0)
+        total_sum, count_sum = self._all_sums(torch.stack([total, total.new_tensor(float(count))]))
+        return total_sum / max(count_sum, 1.0)
 
     # --- checkpoints ------------------------------------------------------------------------------
 

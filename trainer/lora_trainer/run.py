@@ -12,7 +12,9 @@ What each stage reads and writes:
   train     writes checkpoints/step-N/ (COMPLETE manifest last, with eval loss and job identity;
             a new best eval loss forces one), metrics.jsonl, progress.json.
   evaluate  reads the verified checkpoint with the lowest recorded eval loss and the held-out
-            records; writes eval.json, whatever the verdict.
+            records; writes eval.json, whatever the verdict. After training in this process it
+            scores the trained model with that checkpoint's adapter loaded (evaluation.in_memory);
+            the base's results come from cache/ when a verified entry matches (evaluation.base_cache).
   gate      pure: spec.evaluation + the measured metrics -> verdict (evaluation.gate); a refused
             adapter ends in state Rejected and nothing is published. No verdict, nothing published.
   export    writes published/<release>/ and, last, lora-metadata.json pointing at it (io.release).
@@ -35,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from lora_operator.api import SpecError
 
@@ -43,7 +45,9 @@ from . import export as exporting
 from .config import Job, RuntimeConfig
 from .data.prepare import Prepared, prepare_data
 from .data.records import DataError
-from .evaluation import scoring
+from .data.token_cache import token_cache
+from .evaluation import in_memory, scoring
+from .evaluation.base_cache import base_cache
 from .io import identity as ident
 from .io import storage
 from .io.identity import ForeignPrefix
@@ -110,7 +114,8 @@ def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: b
     skw = rt.store_kwargs(job)
     b = job.spec.base_model
     tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
-    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed, **skw)
+    prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed,
+                            cache=token_cache(rt.work_dir / "cache"), **skw)  # inspect writes no output
     summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
                "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
     write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
@@ -184,6 +189,7 @@ class StageContext:
     identity: Optional[ident.JobIdentity] = None  # recorded with what is published
     checkpoint_eval_loss: Optional[float] = None  # the held-out loss training recorded for it
     world_size: int = 1  # training processes of the run that wrote the checkpoint
+    model: Any = None  # the trained PeftModel with this adapter loaded (evaluation.in_memory), or None
 
     @property
     def spec(self):
@@ -232,7 +238,8 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
         base_dir = resolve_base(b.uri, b.revision, rt.work_dir, **skw)
     if prepared is None:
         tok = load_tokenizer(base_dir)
-        prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, **skw)
+        cache = token_cache(rt.work_dir / "cache", store, storage.join(key, "cache"), write_remote=True)
+        prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, cache=cache, **skw)
     mine = ident.of_job(job, prepared.dataset_hashes)
     local = rt.work_dir / "best"
     ref, manifest = best_checkpoint(store, key, mine, local)
@@ -245,10 +252,13 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
 
 
 def _context_after_training(recipe: LoRARecipe) -> StageContext:
-    # Free the training copy of the model before evaluation loads its own.
+    # The trained model is evaluated in place (evaluation.in_memory); the optimizer goes now.
+    trained = recipe.acc.unwrap_model(recipe.model, keep_fp32_wrapper=False)
     del recipe.model, recipe.optimizer
     gc.collect()
-    return build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
+    ctx = build_context(recipe.job, recipe.rt, recipe.progress, recipe.base_dir, recipe.data)
+    ctx.model = in_memory.adopt(trained, ctx.adapter_dir, ctx.spec)
+    return ctx
 
 
 def evaluate(ctx: StageContext) -> scoring.EvalReport:
@@ -262,10 +272,14 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
                                                              **ctx.runtime.store_kwargs(ctx.job))
         ctx.dataset_hashes.update(hashes)
     tokenizer = load_tokenizer(ctx.base_dir)
+    cache = base_cache(ctx.runtime.work_dir / "cache", ctx.output_store, storage.join(ctx.output_key, "cache"),
+                       write_remote=True)  # only rank 0 evaluates
     report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
                               regression_records=regression, max_seq_length=ctx.max_seq_length,
                               checkpoint_step=ctx.checkpoint.step, champion_dir=_fetch_champion(ctx),
-                              champion=ctx.job.champion)
+                              champion=ctx.job.champion, model=ctx.model, base_cache=cache)
+    ctx.model = None  # export loads what it needs; free the trained model first
+    gc.collect()
     scoring.write_eval_json(ctx.output_store, ctx.output_key, report)
     if ctx.progress:
         ctx.progress.update(eval=scoring.progress_eval(report), datasetHashes=ctx.dataset_hashes)

@@ -10,9 +10,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from ..io import storage
-from .encoding import Drop, Sourced, encode_records, fit, p95_length
+from ..io.cache import Cache
+from . import token_cache
+from .encoding import Drop, Encoding, Sourced, encode_records, fit, p95_length
 from .packing import make_rows, padding_fraction
 from .records import DataError, read_jsonl_lines, split_records
 
@@ -75,8 +78,29 @@ def _encode(dataset, tokenizer, pairs, uri: str):
                           on_invalid=dataset.on_invalid_line, name=uri)
 
 
-def prepare_data(dataset, tokenizer, work_dir: Path, seed: int, **store_kw) -> Prepared:
-    """`dataset` is the spec's DatasetSpec. Deterministic for a given (files, spec, seed)."""
+def _encode_all(dataset, tokenizer, pairs: dict[str, list], hashes: dict,
+                cache: Optional[Cache]) -> dict[str, Encoding]:
+    """Encode both splits, or take them from `cache` (see data.token_cache for the key)."""
+    names = {"train": dataset.train, "eval": dataset.eval or dataset.train}
+    key = None
+    if cache is not None:
+        key = token_cache.encoding_key(dataset, token_cache.tokenizer_digest(tokenizer), hashes, pairs)
+        found = cache.load(key)
+        if found is not None:
+            try:
+                return token_cache.decode(*found, key, len(tokenizer))
+            except Exception as exc:  # verified bytes that do not hold together: rebuild
+                log.warning("ignoring the tokens cache entry %s: %s", key[:12], exc)
+    out = {s: _encode(dataset, tokenizer, pairs[s], names[s]) for s in token_cache.SPLITS}
+    if cache is not None:
+        cache.save(key, *token_cache.encode(out, key))
+    return out
+
+
+def prepare_data(dataset, tokenizer, work_dir: Path, seed: int, *, cache: Optional[Cache] = None,
+                 **store_kw) -> Prepared:
+    """`dataset` is the spec's DatasetSpec. Deterministic for a given (files, spec, seed).
+    `cache` (data.token_cache) keeps the encodings for retries, resumed attempts and re-runs."""
     data_dir = Path(work_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     hashes, skipped = {}, 0
@@ -100,8 +124,8 @@ def prepare_data(dataset, tokenizer, work_dir: Path, seed: int, **store_kw) -> P
     eval_jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r, _ in held),
                           encoding="utf-8")
 
-    enc_train = _encode(dataset, tokenizer, train, dataset.train)
-    enc_eval = _encode(dataset, tokenizer, held, dataset.eval or dataset.train)
+    encoded = _encode_all(dataset, tokenizer, {"train": train, "eval": held}, hashes, cache)
+    enc_train, enc_eval = encoded["train"], encoded["eval"]
     skipped += len(enc_train.refused) + len(enc_eval.refused)
     p95 = p95_length(enc_train.examples)
     max_len = dataset.max_seq_length or p95

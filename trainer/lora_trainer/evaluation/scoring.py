@@ -5,7 +5,7 @@ Entry points (`run.evaluate` calls these; nothing here does storage I/O except
 
     report = evaluate(spec, base_dir, adapter_dir, eval_records, tokenizer,
                       regression_records=None, max_seq_length=None, checkpoint_step=None,
-                      champion_dir=None, champion=None)
+                      champion_dir=None, champion=None, model=None, base_cache=None)
     write_eval_json(store, output_key, report)        # <output>/eval.json, always (also when Rejected)
     progress_eval(report)                             # the dict for progress.json's `eval` key
     report.gate.passed / report.gate.reasons          # publish only when passed, else state Rejected
@@ -15,7 +15,9 @@ Measurement rules:
   assistant turns only unless trainOnPrompt), unpacked, fitted to the training maxSeqLength as
   training fits (onOverlong); perplexity = exp(loss). Base and adapter see identical token sets.
 - The base is scored with the adapter disabled on the very same loaded model, so "base" is exactly
-  what training started from (quantized as in training).
+  what training started from (quantized as in training). Its results (loss, regression loss,
+  replies) are kept in `base_cache` when given and reused while every input matches
+  (evaluation.base_cache); pass rates are always recomputed from the replies.
 - Generation checks: greedy, `maxNewTokens`, the first `maxSamples` held-out records, prompts
   rendered as a server renders them (chatTemplateKwargs included), replies without the template's
   reasoning block (see `generation.py` for how prompts, references and checks are defined;
@@ -44,9 +46,11 @@ from ..data.encoding import fit
 from ..data.prepare import fetch
 from ..data.records import IGNORE, Example, read_jsonl
 from ..data.rendering import reasoning_tags, strip_reasoning
+from ..io.cache import Cache
 from ..io.storage import file_sha256, join
 from ..io.strictjson import dump_bytes
 from ..model.loading import load_base
+from . import base_cache as bc
 from . import generation
 from .champion import ChampionMetrics
 from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
@@ -54,6 +58,7 @@ from .gate import CheckRates, EvalMetrics, GateVerdict, apply_gate
 log = logging.getLogger(__name__)
 
 TOKEN_BUDGET = 4096  # tokens per forward pass when scoring loss (bounds the fp32 logits)
+GENERATE_BATCH = 8  # prompts per generate call (left padding: part of the base-eval cache key)
 SHOWN_GENERATIONS = 3  # generations kept in eval.json for humans
 CHAMPION = "champion"  # PEFT adapter name of the champion next to the adapter under test
 
@@ -186,7 +191,8 @@ def heldout_loss(model, examples: Sequence[Example], pad_id: int = 0, budget: in
 # --- generation ----------------------------------------------------------------------------------
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int = GENERATE_BATCH) -> list[str]:
     """Greedy replies (special tokens dropped) for ``prompts``, batched with left padding.
 
     Prompts are tokenized without extra special tokens: the chat template already wrote them.
@@ -228,27 +234,40 @@ def load_adapted(spec, base_dir: Path, adapter_dir: Path, device: Optional[torch
     return model.eval()
 
 
+def _device_kind(model) -> str:
+    """The device as far as it can change numbers: cpu, or the GPU's model name."""
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def pad_token_id(tokenizer) -> int:
     """The id that pads batches: pad, else eos, else 0 (model.loading.load_tokenizer sets pad)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def _run_checks(spec, model, tokenizer, records, champion: bool = False) -> tuple[list[dict], list[dict], int]:
-    checks = spec.evaluation.gate.checks
-    if not checks:
-        return [], [], 0
-    samples = generation.build_samples(records, tokenizer, spec.evaluation.max_samples,
-                                       spec.dataset.chat_template_kwargs)
-    prompts = [s.prompt for s in samples]
-    max_new = spec.evaluation.max_new_tokens
+def _samples(spec, tokenizer, records) -> Optional[list]:
+    """The generation samples, or None when there are no checks (nothing is generated)."""
+    if not spec.evaluation.gate.checks:
+        return None
+    return generation.build_samples(records, tokenizer, spec.evaluation.max_samples,
+                                    spec.dataset.chat_template_kwargs)
+
+
+def _replies(spec, model, tokenizer, samples) -> list[str]:
     tags = reasoning_tags(tokenizer)
-    with model.disable_adapter():
-        base_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
-    adapter_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+    replies = generate(model, tokenizer, [s.prompt for s in samples], spec.evaluation.max_new_tokens)
+    return [strip_reasoning(r, tags) for r in replies]
+
+
+def _run_checks(spec, model, tokenizer, samples, base_replies, champion: bool = False) -> tuple[list[dict], list[dict], int]:
+    checks = spec.evaluation.gate.checks
+    if samples is None:
+        return [], [], 0
+    adapter_replies = _replies(spec, model, tokenizer, samples)
     champion_replies = None
     if champion:
         with _using(model, CHAMPION):
-            champion_replies = [strip_reasoning(r, tags) for r in generate(model, tokenizer, prompts, max_new)]
+            champion_replies = _replies(spec, model, tokenizer, samples)
     rows = [_check_row(c, base_replies, adapter_replies, samples) for c in checks]
     shown = [{"prompt": s.prompt, "reference": s.reference, "base": b, "adapter": a}
              for s, b, a in list(zip(samples, base_replies, adapter_replies))[:SHOWN_GENERATIONS]]
@@ -295,22 +314,53 @@ def _check_row(check, base_replies, adapter_replies, samples) -> dict:
     return row
 
 
-def _base_and_adapter_loss(model, examples, pad_id) -> tuple[LossResult, LossResult]:
+def _score_base(spec, model, tokenizer, examples, reg_ex, samples, pad_id) -> bc.BaseResults:
+    """Everything measured on the base: the very same model with the adapter disabled."""
     with model.disable_adapter():
-        base = heldout_loss(model, examples, pad_id)
-    return base, heldout_loss(model, examples, pad_id)
+        loss = heldout_loss(model, examples, pad_id)
+        reg = heldout_loss(model, reg_ex, pad_id) if reg_ex is not None else None
+        replies = _replies(spec, model, tokenizer, samples) if samples is not None else None
+    return bc.BaseResults(bc.BaseLoss(loss.loss, loss.tokens),
+                          bc.BaseLoss(reg.loss, reg.tokens) if reg else None, replies)
+
+
+def _base_results(spec, model, tokenizer, examples, reg_ex, samples, pad_id, cache: Optional[Cache],
+                  key: Optional[str]) -> bc.BaseResults:
+    """The base's results from `cache` when a valid entry matches, else measured (and kept)."""
+    found = cache.load(key) if cache is not None else None
+    if found is not None:
+        try:
+            return bc.decode(found[0], _targets(examples), _targets(reg_ex) if reg_ex is not None else None,
+                             len(samples) if samples is not None else None)
+        except ValueError as exc:  # fail closed: recompute, never pass on an unreadable entry
+            log.warning("ignoring the base-eval cache entry %s: %s", key[:12], exc)
+    results = _score_base(spec, model, tokenizer, examples, reg_ex, samples, pad_id)
+    payload = bc.encode(results) if cache is not None else None
+    if payload is not None:
+        cache.save(key, payload)
+    return results
+
+
+def _targets(examples) -> int:
+    """Tokens `heldout_loss` scores (labelled, after the causal shift)."""
+    return sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+
+
+def _loss_result(value: bc.BaseLoss) -> LossResult:
+    return LossResult(value.loss, value.tokens)
 
 
 def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dict], tokenizer, *,
              regression_records: Optional[Sequence[dict]] = None, max_seq_length: Optional[int] = None,
              checkpoint_step: Optional[int] = None, model=None, champion_dir: Optional[Path] = None,
-             champion: Optional[dict[str, Any]] = None) -> EvalReport:
+             champion: Optional[dict[str, Any]] = None, base_cache: Optional[Cache] = None) -> EvalReport:
     """Score base and adapter (and the champion, when `champion_dir` holds one) on `eval_records`
     (raw JSONL records of the held-out set), run the generation checks and the regression data, and
     apply the gate. `champion` is the operator's resolution ({channel, runId, ...} or {channel, missing}).
 
     `model` may be an already loaded PeftModel (e.g. the recipe's, at the chosen checkpoint); by
     default the base is loaded from `base_dir` as in training and `adapter_dir` attached.
+    `base_cache` (evaluation.base_cache) keeps the base's results for retries and re-runs.
     """
     for check in spec.evaluation.gate.checks:
         generation.compile_check(check)  # a broken check fails before minutes of generation
@@ -319,16 +369,23 @@ def evaluate(spec, base_dir: Path, adapter_dir: Path, eval_records: Sequence[dic
     model.eval()
     pad_id = pad_token_id(tokenizer)
     examples = encode_records(eval_records, tokenizer, spec.dataset, max_seq_length)
-    base, adapter = _base_and_adapter_loss(model, examples, pad_id)
+    reg_ex = (encode_records(regression_records, tokenizer, spec.dataset, max_seq_length)
+              if regression_records is not None else None)
+    samples = _samples(spec, tokenizer, eval_records)
+    key = (bc.base_key(spec, tokenizer, eval_records, regression_records, max_seq_length,
+                       _device_kind(model), {"tokenBudget": TOKEN_BUDGET, "generateBatch": GENERATE_BATCH})
+           if base_cache is not None else None)
+    measured = _base_results(spec, model, tokenizer, examples, reg_ex, samples, pad_id, base_cache, key)
+    base, adapter = _loss_result(measured.loss), heldout_loss(model, examples, pad_id)
     log.info("held-out loss: base %.4f, adapter %.4f (%d tokens)", base.loss, adapter.loss, adapter.tokens)
-    regression, reg_ex = None, None
-    if regression_records is not None:
-        reg_ex = encode_records(regression_records, tokenizer, spec.dataset, max_seq_length)
-        rb, ra = _base_and_adapter_loss(model, reg_ex, pad_id)
+    regression = None
+    if reg_ex is not None:
+        rb, ra = _loss_result(measured.regression), heldout_loss(model, reg_ex, pad_id)
         regression = {"base": rb.to_dict(), "adapter": ra.to_dict(), "samples": len(reg_ex),
                       "increase": (ra.loss - rb.loss) / rb.loss if rb.loss > 0 else math.nan}
     scored = _score_champion(model, champion_dir, examples, reg_ex, pad_id) if champion_dir else None
-    checks, shown, n_gen = _run_checks(spec, model, tokenizer, eval_records, champion=scored is not None)
+    checks, shown, n_gen = _run_checks(spec, model, tokenizer, samples, measured.replies,
+                                       champion=scored is not None)
     if scored is not None:
         scored["checks"] = {c["name"]: c["champion"] for c in checks}
     report = EvalReport(
