@@ -9,7 +9,9 @@ base takes well under a few seconds on a CPU.
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 _NAMES = ["Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
@@ -116,3 +118,16 @@ def _write_jsonl(path, rows) -> Path:
 def make_chat_jsonl(path, n: int = 32, seed: int = 0) -> Path:
     """Write ``n`` chat examples (system/user/assistant) as JSONL."""
     return _write_jsonl(path, chat_examples(n, seed))
+
+
+def trainer_env(tmp_path, **extra) -> dict:
+    """The environment of a `lora-trainer` subprocess in tests: local termination log, progress
+    written at once, one thread, no S3 endpoint from the developer's shell."""
+    env = {**os.environ, "LORA_TERMINATION_LOG": str(Path(tmp_path) / "termination-log"),
+           "LORA_PROGRESS_INTERVAL_S": "0", "OMP_NUM_THREADS": "1", **extra}
+    env.pop("S3_ENDPOINT", None)
+    return env
+
+
+def trainer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lora_trainer", *args]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import trainer_cmd, trainer_env
 
 from lora_operator.api import EXIT_PREEMPTED
 from lora_trainer.__main__ import run_job
@@ -23,17 +24,6 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_chat_losses.json"
 GOLDEN_JOB = {"training.batchSize": 4, "training.epochs": 2, "training.checkpointEverySteps": 4,
               "training.evalEverySteps": 4}
 TOL = 1e-4
-
-
-def trainer_env(tmp_path: Path, **extra) -> dict:
-    env = {**os.environ, "LORA_TERMINATION_LOG": str(tmp_path / "termination-log"),
-           "LORA_PROGRESS_INTERVAL_S": "0", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("S3_ENDPOINT", None)
-    return env
-
-
-def trainer_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lora_trainer", *args]
 
 
 def _in_process(cfg, store, tmp_path, stages=("train",)) -> int:

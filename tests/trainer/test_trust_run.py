@@ -13,28 +13,16 @@ import math
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import yaml
+from tiny import trainer_cmd, trainer_env
 
 from lora_operator.api import EXIT_DIVERGED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
 from lora_trainer.__main__ import run_job
 from lora_trainer.config import RuntimeConfig, load_job
 from lora_trainer.io.storage import LocalStore
 from lora_trainer.model import checkpoint as ckpt
-
-
-def trainer_env(tmp_path, **extra) -> dict:
-    env = {**os.environ, "LORA_TERMINATION_LOG": str(tmp_path / "termination-log"),
-           "LORA_PROGRESS_INTERVAL_S": "0", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("S3_ENDPOINT", None)
-    return env
-
-
-def trainer_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lora_trainer", *args]
-
 
 SHORT = {"training.epochs": 1, "training.checkpointEverySteps": 2, "training.evalEverySteps": 2}
 ALL = ("train", "evaluate", "export")
