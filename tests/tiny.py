@@ -131,3 +131,17 @@ def trainer_env(tmp_path, **extra) -> dict:
 
 def trainer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lora_trainer", *args]
+
+
+class CallCounter:
+    """Counts the calls of `module.name` (monkeypatched; the real function still runs)."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.calls = 0
+        real = getattr(module, name)
+
+        def spy(*a, **kw):
+            self.calls += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, name, spy)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_evaluation_support as world
@@ -31,18 +32,9 @@ def model(w):
     return scoring.load_adapted(spec, w["base"], w["adapter"])
 
 
-class BaseSpy:
+def BaseSpy(monkeypatch):
     """Counts base measurements (scoring with the adapter disabled)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = scoring._score_base
-
-        def spy(*a, **kw):
-            self.calls += 1
-            return real(*a, **kw)
-
-        monkeypatch.setattr(scoring, "_score_base", spy)
+    return tiny.CallCounter(monkeypatch, scoring, "_score_base")
 
 
 def _spec(w):

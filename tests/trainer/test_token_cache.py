@@ -30,18 +30,9 @@ def _snapshot(p: prep.Prepared) -> dict:
         "drops": [(d.line, d.turn, d.reason) for d in p.drops]}
 
 
-class Spy:
+def Spy(monkeypatch):
     """Counts encode_records calls (a hit encodes nothing)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = prep.encode_records
-
-        def spy(*a, **kw):
-            self.calls += 1
-            return real(*a, **kw)
-
-        monkeypatch.setattr(prep, "encode_records", spy)
+    return tiny.CallCounter(monkeypatch, prep, "encode_records")
 
 
 @pytest.fixture
