@@ -8,10 +8,10 @@ duplicating. A child of that name owned by anything else (an orphan of a deleted
 name, or an object a tenant made up) is never used: the job waits with Admitted=False NameConflict.
 
 A fresh body is a GET, or one the caller already holds that is no older than this operator's
-last status write of the job: kopf's body of a new object, or the resync's LIST (a GET per job per
-resync pass was the largest request count while training at N = 1,000). The operator is the only
-writer of the status, so such a body's status is current; its spec is at most as stale as a watch,
-and a spec change is a kopf update, whose pass GETs.
+last status write of the job: the watch event's body (kopf's event handler) or the resync's LIST
+(a GET per job per resync pass was the largest request count while training at N = 1,000). The
+operator is the only writer of the status, so such a body's status is current; its spec is at
+most as stale as the watch, and a spec change (a new generation) queues a pass of its own.
 
 Memory per job (locks, the last progress.json, the resourceVersion last written) is dropped when
 the job is found gone.
@@ -144,8 +144,8 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Run one pass; returns the status written (or kept), None when the object is gone.
 
-        `fresh`: a body the caller holds (kopf's body of a new object: no GET on the path from
-        apply to Job; the resync's LIST: no GET per job per resync), used when it is no older than
+        `fresh`: a body the caller holds (the watch event's: no GET on the path from apply to
+        Job; the resync's LIST: no GET per job per resync), used when it is no older than
         our last status write of the job; otherwise, and without one, the pass GETs."""
         key = f"{namespace}/{name}"
         with self._lock(key):
