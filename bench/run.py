@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="50,500,1000,2000", help="operator N series (comma list)")
     parser.add_argument("--baseline-ref", help="also run this git ref's operator (before/after, same run)")
     parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
+    parser.add_argument("--window-s", type=float, default=60.0,
+                        help="operator: seconds of API traffic counted while jobs train")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="operator: idle window (0 status PATCHes)")
     parser.add_argument("--only", choices=["trainer", "trl", "upload", "operator"])
     args = parser.parse_args()
     results_dir = HERE / "results"
@@ -85,7 +88,7 @@ def main() -> int:
         "upload": lambda: upload_bench.run(work / "upload"),
         "operator": lambda: operator_bench.run(
             work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,
-            _sizes(args.baseline_sizes)),
+            _sizes(args.baseline_sizes), window_s=args.window_s, idle_s=args.idle_s),
     }
     rows = []
     for name, fn in suites.items():

@@ -14,9 +14,11 @@ from lora_operator.observability.metrics import Metrics
 class FakeKube:
     def __init__(self, ltj):
         self.ltj, self.objects, self.status_patches, self.events, self.quotas = ltj, {}, [], [], []
-        self.secret_reads, self.secrets, self.pods = 0, {"s3-credentials"}, {}
+        self.secret_reads, self.secrets, self.pods, self.gets = 0, {"s3-credentials"}, {}, 0
+        self.quota_lists = 0
 
     def get_ltj(self, namespace, name):
+        self.gets += 1
         return copy.deepcopy(self.ltj)
 
     def list_jobs(self, namespace, labels):
@@ -38,6 +40,7 @@ class FakeKube:
         return copy.deepcopy(self.objects[("Job", name)])
 
     def list_quotas(self, namespace):
+        self.quota_lists += 1
         return self.quotas
 
     def has_api_group(self, group):
@@ -56,6 +59,9 @@ class FakeKube:
     def patch_status(self, namespace, name, status):
         self.status_patches.append(status)
         self.ltj["status"] = {k: v for k, v in status.items() if v is not None}
+        meta = self.ltj["metadata"]
+        meta["resourceVersion"] = str(int(meta.get("resourceVersion") or 0) + 1)
+        return copy.deepcopy(self.ltj)
 
 
 class FakeStorage:
@@ -264,3 +270,25 @@ def test_should_forget_the_memory_of_deleted_jobs(world):
     kube.ltj = None
     reconciler.reconcile("ns", "demo")
     assert not reconciler._progress and not reconciler._locks
+
+
+def test_should_pass_on_a_held_body_unless_it_is_older_than_its_last_status_write(world):
+    """The resync's LIST body saves the GET; one listed before our last write is stale: GET."""
+    kube, _, make = world
+    reconciler = make()
+    kube.ltj["metadata"]["resourceVersion"] = "10"
+    listed = copy.deepcopy(kube.ltj)
+    reconciler.reconcile("ns", "demo", listed)  # creates the Job and writes status (rv 11)
+    assert kube.gets == 0 and kube.ltj["metadata"]["resourceVersion"] == "11"
+    reconciler.reconcile("ns", "demo", listed)  # rv 10: written before our status, so not used
+    assert kube.gets == 1
+    reconciler.reconcile("ns", "demo", copy.deepcopy(kube.ltj))  # as new as our write: used
+    assert kube.gets == 1
+    assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1"), ("NetworkPolicy", "demo-network")]
+
+
+def test_should_not_list_quotas_for_a_job_without_gpus(world, make_spec_dict):
+    kube, _, make = world
+    kube.ltj["spec"] = make_spec_dict(**{"resources.gpus": 0})
+    make().reconcile("ns", "demo")
+    assert kube.quota_lists == 0 and ("Job", "demo-a1") in kube.objects

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from kubernetes import client
@@ -56,7 +57,8 @@ def test_workers_drain_the_queue_and_survive_a_failing_pass():
 
 
 def _informer(changes):
-    informer = JobInformer(client.ApiClient(), "app.kubernetes.io/managed-by=lora-operator", ["ns"], changes.append)
+    informer = JobInformer(client.ApiClient(), "app.kubernetes.io/managed-by=lora-operator", ["ns"], changes.append,
+                           index_label="training.lora.dev/job")
     informer._synced["ns"] = True
     return informer
 
@@ -86,6 +88,29 @@ def test_should_notify_on_status_changes_only_and_drop_a_stale_write_through():
     assert len(changes) == 3 and informer.jobs("ns", {}) == []
 
 
+def test_should_answer_by_the_index_label_and_keep_the_index_true_through_relabels_deletes_and_relists():
+    informer = _informer([])
+    for i in range(50):
+        informer._apply("ADDED", slim(_job(f"job{i}-a1", 10 + i)))
+    informer._apply("ADDED", slim(_job("job7-a2", 100)))
+    informer._apply("ADDED", slim(_job("job7-a1", 101, ns="other")))
+
+    def names(ns, owner):
+        return sorted(j["metadata"]["name"] for j in informer.jobs(ns, {"training.lora.dev/job": owner}))
+    assert names("ns", "job7") == ["job7-a1", "job7-a2"] and names("other", "job7") == ["job7-a1"]
+    informer._apply("MODIFIED", slim(_job("job7-a2", 102, labels={"training.lora.dev/job": "job8"})))
+    assert names("ns", "job7") == ["job7-a1"] and names("ns", "job8") == ["job7-a2", "job8-a1"]
+    informer._apply("DELETED", slim(_job("job7-a1", 103)))
+    assert names("ns", "job7") == [] and ("ns", "job7") not in informer._index
+    # a re-list without a Job drops it from the index too
+    informer._call = lambda ns, **_: type("R", (), {"data": json.dumps({
+        "metadata": {"resourceVersion": "200"}, "items": [_job("job1-a1", 11)]})})()
+    informer._list("ns")
+    assert names("ns", "job8") == [] and names("ns", "job1") == ["job1-a1"] and names("other", "job7") == ["job7-a1"]
+    # a query without the index label still scans the namespace
+    assert [j["metadata"]["name"] for j in informer.jobs("ns", {})] == ["job1-a1"]
+
+
 def test_phase_gauge_moves_jobs_between_phases():
     metrics = Metrics()
 
@@ -98,3 +123,71 @@ def test_phase_gauge_moves_jobs_between_phases():
     assert (value("Training"), value("Succeeded"), value("Pending")) == (1, 1, 0)
     metrics.forget_except({"a"})
     assert value("Training") == 0
+
+
+class _Passes:
+    def __init__(self, fail=False):
+        self.calls, self.forgotten, self.fail = [], [], fail
+
+    def reconcile(self, namespace, name, fresh=None):
+        self.calls.append((name, fresh and fresh["metadata"]["resourceVersion"]))
+        if self.fail:
+            raise RuntimeError("apiserver down")
+
+    def forget(self, key):
+        self.forgotten.append(key)
+
+
+def _ltj(name, rv, generation=1, uid="u1"):
+    return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "generation": generation,
+                         "resourceVersion": str(rv)}, "spec": {}, "status": {}}
+
+
+def _drain_one(runtime):
+    key = runtime.queue.get(threading.Event(), poll=0.01)
+    try:
+        runtime._work(key)
+    finally:
+        runtime.queue.done(key)
+
+
+def test_should_queue_a_pass_for_a_new_job_or_a_new_generation_with_its_body_and_not_for_status_echoes():
+    from lora_operator.config import OperatorConfig
+    from lora_operator.handlers.runtime import Runtime
+
+    runtime = Runtime(OperatorConfig(), kube=object())
+    runtime.reconciler = passes = _Passes()
+    runtime.on_job_event(None, _ltj("a", 5))  # kopf's initial listing (operator start)
+    runtime.on_job_event("MODIFIED", _ltj("a", 6))  # our own status write: same generation
+    assert len(runtime.queue) == 1
+    _drain_one(runtime)
+    assert passes.calls == [("a", "5")], "the event's body, no GET"
+    runtime.on_job_event("MODIFIED", _ltj("a", 7))
+    assert len(runtime.queue) == 0, "a status echo queues nothing"
+    runtime.on_job_event("MODIFIED", _ltj("a", 8, generation=2))  # spec changed (e.g. suspend)
+    runtime.on_job_event("MODIFIED", _ltj("a", 9, generation=3))
+    _drain_one(runtime)
+    assert passes.calls[-1] == ("a", "9"), "one pass, with the newest body"
+    runtime.on_job_event("DELETED", _ltj("a", 10, generation=3))
+    runtime.on_job_event("ADDED", _ltj("a", 11, uid="u2"))  # a new job of the same name
+    assert passes.forgotten == ["ns/a"] and len(runtime.queue) == 1
+
+
+def test_should_run_a_failed_pass_again_after_the_retry_delay(monkeypatch):
+    from lora_operator.config import OperatorConfig
+    from lora_operator.handlers import runtime as rt
+
+    runtime = rt.Runtime(OperatorConfig(), kube=object())
+    runtime.reconciler = _Passes(fail=True)
+    runtime.on_job_event("ADDED", _ltj("a", 5))
+    key = runtime.queue.get(threading.Event())
+    try:
+        runtime._work(key)
+    except RuntimeError:
+        pass
+    runtime.queue.done(key)
+    runtime._retry_due()
+    assert len(runtime.queue) == 0, "not before the delay"
+    monkeypatch.setattr(rt.time, "monotonic", lambda: 1e12)
+    runtime._retry_due()
+    assert len(runtime.queue) == 1

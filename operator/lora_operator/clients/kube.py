@@ -46,16 +46,17 @@ def now_rfc3339() -> str:
 
 
 class KubeClient:
-    def __init__(self, api_client: client.ApiClient | None = None, timeout: float = 30.0):
+    def __init__(self, api_client: client.ApiClient | None = None, timeout: float = 30.0, pool_size: int = 64):
         if api_client is None:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
             settings = client.Configuration.get_default_copy()
-            # kopf's executor, the workers, the informer and the resync share it: with the default
-            # (5 x CPUs) pool, connections are dropped and every request pays a TLS handshake.
-            settings.connection_pool_maxsize = 32
+            # kopf's executor, the workers, the informer, the resync and the event posters share it:
+            # a pool smaller than the threads that use it drops connections ("Connection pool is
+            # full", 250 times at N = 1,000 with 32) and the next request pays a TLS handshake.
+            settings.connection_pool_maxsize = pool_size
             api_client = client.ApiClient(settings)
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
@@ -68,9 +69,12 @@ class KubeClient:
         self.jobs_informer: JobInformer | None = None
         self._events = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-events")
 
-    def watch_jobs(self, labels: Mapping[str, str], namespaces: Iterable[str], on_change, watch_timeout: float) -> None:
-        """Serve list_jobs from a list+watch cache of the Jobs with these labels (see informer.py)."""
-        self.jobs_informer = JobInformer(self.api, _selector(labels), namespaces, on_change, watch_timeout)
+    def watch_jobs(self, labels: Mapping[str, str], namespaces: Iterable[str], on_change, watch_timeout: float,
+                   index_label: str | None = None) -> None:
+        """Serve list_jobs from a list+watch cache of the Jobs with these labels (see informer.py),
+        indexed by the value of `index_label`."""
+        self.jobs_informer = JobInformer(self.api, _selector(labels), namespaces, on_change, watch_timeout,
+                                         index_label)
         self.jobs_informer.start()
 
     def _call(self, fn, *args, **kwargs) -> Any:
@@ -97,10 +101,10 @@ class KubeClient:
                                 resource_version="0")["items"]
         return items
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
-            _content_type=MERGE, _request_timeout=self.timeout)
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Returns the object as written (its resourceVersion tells later reads whether they are older)."""
+        return self._call(self.custom.patch_namespaced_custom_object_status,
+                          GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE)
 
     # LoRAAdapterChannels
     def get_channel(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -215,29 +219,34 @@ class KubeClient:
             self._groups = (time.monotonic(), groups)
         return group in groups
 
-    def read_secret_keys(self, namespace: str, name: str, keys: Iterable[str]) -> dict[str, str]:
-        """Decoded values of some keys of a Secret. Callers must never log or store them.
-
-        Kept in memory for SECRET_TTL seconds, so progress reads of a thousand jobs do not GET the
-        Secret each time; a rotated key is picked up within that time."""
-        import base64
-
+    def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        """A Secret's data, kept in memory for SECRET_TTL seconds, so progress reads and admission
+        checks of a thousand jobs sharing one Secret do not GET it each time; a rotated key is
+        picked up within that time. Raises ApiException (404: no such Secret)."""
         cached = self._secrets.get((namespace, name))
         if cached and time.monotonic() - cached[0] < SECRET_TTL:
-            data = cached[1]
-        else:
-            try:
-                data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
-            except ApiException as exc:
-                log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
-                return {}
-            self._secrets[(namespace, name)] = (time.monotonic(), data)
+            return cached[1]
+        data = self._call(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+        self._secrets[(namespace, name)] = (time.monotonic(), data)
+        return data
+
+    def read_secret_keys(self, namespace: str, name: str, keys: Iterable[str]) -> dict[str, str]:
+        """Decoded values of some keys of a Secret. Callers must never log or store them."""
+        import base64
+
+        try:
+            data = self._secret_data(namespace, name)
+        except ApiException as exc:
+            log.warning("cannot read Secret %s/%s: %s", namespace, name, exc.reason)
+            return {}
         return {k: base64.b64decode(data[k]).decode() for k in keys if k in data}
 
     def secret_exists(self, namespace: str, name: str) -> bool | None:
-        """True or False; None when the operator may not look (no `get secrets`: RBAC default)."""
+        """True or False; None when the operator may not look (no `get secrets`: RBAC default).
+
+        Only a Secret seen is remembered (SECRET_TTL): a missing one is looked up again each time."""
         try:
-            self._call(self.core.read_namespaced_secret, name, namespace)
+            self._secret_data(namespace, name)
             return True
         except ApiException as exc:
             if exc.status == 404:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
@@ -11,7 +10,7 @@ import kopf
 from ..api import GROUP, PLURAL, VERSION
 from ..api.channel import CHANNEL_PLURAL
 from ..config import OperatorConfig
-from .runtime import Runtime
+from .runtime import HANDLER_THREADS, Runtime
 
 PROGRESS_PREFIX = "kopf.lora.dev"
 
@@ -29,9 +28,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PROGRESS_PREFIX, key="last-handled-configuration")
-    # Passes of kopf's handlers wait on the API server most of the time: at hundreds of new jobs a
-    # few threads made apply -> Job a queue (bench/operator_bench.py); 32 keep requests in flight.
-    settings.execution.max_workers = 32
+    # kopf's executor runs the channel handlers only (jobs go through the work queue).
+    settings.execution.max_workers = HANDLER_THREADS
     namespaces = getattr(memo, "namespaces", None) or config.namespaces
     memo.runtime = Runtime(config, namespaces)
     memo.runtime.start()
@@ -44,13 +42,16 @@ def shutdown(memo: kopf.Memo, **_) -> None:
         memo.runtime.stop()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec.suspend", backoff=5)
-def reconcile_job(namespace: str, name: str, memo: kopf.Memo, reason: str, body: kopf.Body, **_) -> None:
-    # A new object's body comes straight from the watch: no GET needed before creating its Job.
-    fresh = copy.deepcopy(dict(body)) if reason == kopf.Reason.CREATE else None
-    memo.runtime.reconcile(namespace, name, fresh)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_) -> None:
+    """Every LoRATrainingJob event: the runtime queues a pass when the job is new to it or its
+    spec changed (generation), with this body (no GET), and forgets a deleted one.
+
+    An event handler, not kopf's create/resume/update handlers: those store kopf's state in an
+    annotation (a PATCH per new job, and a second create pass whenever the echo of that PATCH
+    came later than kopf's consistency timeout) and run in kopf's executor; at a thousand new jobs
+    they made apply -> Job a queue (bench/operator_bench.py). Async: it only decides and queues."""
+    memo.runtime.on_job_event(event.get("type"), event["object"])
 
 
 # Child Job changes reach the reconciler through the Job informer of runtime.py (one watch, a

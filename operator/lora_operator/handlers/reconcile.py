@@ -1,13 +1,20 @@
 """One level-based pass over one LoRATrainingJob: observe, act, derive, write.
 
-Every pass starts from a fresh GET and the live children, so it is the same after an operator
+Every pass starts from a fresh body and the live children, so it is the same after an operator
 restart, a retried handler or a missed event. Passes for one object are serialized by a lock (kopf
 handlers, the child-Job watch and the resync thread may all ask at once); children have
 deterministic names, so a repeated create finds its own child (AlreadyExists) instead of
 duplicating. A child of that name owned by anything else (an orphan of a deleted job of the same
 name, or an object a tenant made up) is never used: the job waits with Admitted=False NameConflict.
 
-Memory per job (locks, the last progress.json) is dropped when the job is found gone.
+A fresh body is a GET, or one the caller already holds that is no older than this operator's
+last status write of the job: the watch event's body (kopf's event handler) or the resync's LIST
+(a GET per job per resync pass was the largest request count while training at N = 1,000). The
+operator is the only writer of the status, so such a body's status is current; its spec is at
+most as stale as the watch, and a spec change (a new generation) queues a pass of its own.
+
+Memory per job (locks, the last progress.json, the resourceVersion last written) is dropped when
+the job is found gone.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from ..status import (
     resolve_image,
     resolve_queue,
     running_elsewhere,
+    total_gpus,
     transition_events,
     workload_view,
 )
@@ -69,6 +77,14 @@ from .starts import StartLedger
 
 log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
+
+
+def _version(obj: Mapping[str, Any] | None) -> int:
+    """A resourceVersion as a number (etcd's revision), -1 when absent or not a number."""
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return -1
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
@@ -104,6 +120,7 @@ class Reconciler:
         self._guard = threading.Lock()
         self._progress: dict[str, _Read] = {}
         self._starts = StartLedger()  # the namespace running limit under parallel passes
+        self._written: dict[str, int] = {}  # key -> resourceVersion of our last status write
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -114,6 +131,7 @@ class Reconciler:
         with self._guard:
             self._locks.pop(key, None)
             self._progress.pop(key, None)
+            self._written.pop(key, None)
 
     def forget_except(self, keys: Iterable[str]) -> None:
         """Drop what is kept for every job not in `keys` (the live ones, from a full list)."""
@@ -123,15 +141,20 @@ class Reconciler:
                 self._locks.pop(gone, None)
             for gone in [k for k in self._progress if k not in live]:
                 self._progress.pop(gone, None)
+            for gone in [k for k in self._written if k not in live]:
+                self._written.pop(gone, None)
 
     def reconcile(self, namespace: str, name: str, fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Run one pass; returns the status written (or kept), None when the object is gone.
 
-        `fresh`: a body just delivered by the watch for a new object (kopf's create handler),
-        which saves the GET on the path from apply to Job; every other pass GETs."""
+        `fresh`: a body the caller holds (the watch event's: no GET on the path from apply to
+        Job; the resync's LIST: no GET per job per resync), used when it is no older than
+        our last status write of the job; otherwise, and without one, the pass GETs."""
         key = f"{namespace}/{name}"
         with self._lock(key):
-            body = dict(fresh) if fresh is not None else self.kube.get_ltj(namespace, name)
+            written = self._written.get(key)
+            usable = fresh is not None and (written is None or _version(fresh) >= written)
+            body = dict(fresh) if usable else self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.forget(key)
                 return None
@@ -249,7 +272,8 @@ class Reconciler:
             blocked = check_running_limit(running, self.config)
             if blocked:
                 return blocked
-        return check_quota(self.kube.list_quotas(owner.namespace), spec)
+        # Only GPUs are checked against quotas: a job without any needs no LIST on its way to a Job.
+        return check_quota(self.kube.list_quotas(owner.namespace), spec) if total_gpus(spec) else None
 
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
@@ -329,7 +353,10 @@ class Reconciler:
         meta, prev = body["metadata"], obs.previous
         status = derive_status(obs)
         if status != {k: prev.get(k) for k in OWNED_FIELDS}:
-            self.kube.patch_status(meta["namespace"], meta["name"], status)
+            written = self.kube.patch_status(meta["namespace"], meta["name"], status)
+            if _version(written) >= 0:
+                with self._guard:
+                    self._written[f"{meta['namespace']}/{meta['name']}"] = _version(written)
         for event in [*attempt_events(prev.get("attempts"), status["attempts"]),
                       *transition_events(prev.get("conditions"), status["conditions"])]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)

@@ -17,6 +17,7 @@ from .policy import (
     job_endpoint,
     resolve_image,
     resolve_queue,
+    total_gpus,
 )
 from .progress import accept_report
 
@@ -25,7 +26,7 @@ __all__ = [
     "egress_ports", "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
     "check_policy", "check_quota", "check_running_limit", "conditions", "derive_status", "is_terminal",
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",
-    "transition_events",
+    "total_gpus", "transition_events",
 ]
 from .workload import DEACTIVATED_BY, WorkloadView, workload_view
 
