@@ -9,6 +9,7 @@ the WorkloadPriorityClasses training-low / training-high come from examples/kueu
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 
@@ -17,6 +18,7 @@ from ltj_cluster import GROUP, PLURAL, VERSION, apply, conditions, get, wait_for
 from ltj_cluster import ROOT as REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+SLOW_TRAINER = REPO / "tests" / "operator" / "slow_trainer.py"
 INSUFFICIENT = "insufficient unused quota for nvidia.com/gpu"
 
 
@@ -181,10 +183,12 @@ def test_should_resume_the_real_trainer_after_preemption_to_the_uninterrupted_lo
     golden_training = {"epochs": 2, "batchSize": 4, "learningRate": 0.005, "seed": 7, "checkpointEverySteps": 4,
                        "evalEverySteps": 4, "keepCheckpoints": 2}
     queue(1)
-    operator_factory(LORA_TRAINER_COMMAND="lora-trainer run", LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")
+    # The real trainer, each step paused 0.5 s (tests/operator/slow_trainer.py): 22 tiny steps would
+    # otherwise be over before a preemption lands.
+    operator_factory(LORA_TRAINER_COMMAND=f"{sys.executable} {SLOW_TRAINER} run",
+                     LORA_ALLOWED_PRIORITY_CLASSES="training-low,training-high")
     apply(api, namespace, storage, name="low", queueName="gpu", training=golden_training,
           **{**common, "resources.priorityClassName": "training-low"})
-    # Preempt early: 22 steps of 4 rows go by in seconds, and preemption takes a few.
     wait_for(lambda: ((get(api, namespace, "low").get("status") or {}).get("progress") or {}).get("step", 0) >= 2,
              300, "low at step 2")
     apply(api, namespace, storage, name="high", queueName="gpu", training={"maxSteps": 2},
