@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -131,6 +132,12 @@ def trainer_env(tmp_path, **extra) -> dict:
 
 def trainer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lora_trainer", *args]
+
+
+def run_trainer(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`lora-trainer ARGS` in a subprocess (trainer_env), its output captured as text."""
+    return subprocess.run(trainer_cmd(*map(str, args)), env=trainer_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 class CallCounter:

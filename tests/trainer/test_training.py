@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import trainer_cmd, trainer_env
+from tiny import run_trainer, trainer_cmd, trainer_env
 
 from lora_operator.api import EXIT_PREEMPTED
 from lora_trainer.__main__ import run_job
@@ -118,9 +118,7 @@ def test_bad_data_fails_with_one_line_naming_file_and_line(make_job, tmp_path):
     cfg, store = make_job(n_train=4)
     train = store / "data" / "train.jsonl"
     train.write_text(train.read_text() + '{"messages": [{"role": "robot", "content": "x"}]}\n')
-    proc = subprocess.run(trainer_cmd("train", str(cfg), "--storage-dir", str(store), "--work-dir",
-                                      str(tmp_path / "w")),
-                          env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_trainer(tmp_path, "train", cfg, "--storage-dir", store, "--work-dir", tmp_path / "w")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "s3://data/train.jsonl:5: messages[0]: unknown role 'robot'" in proc.stderr.splitlines()[-1]
@@ -131,8 +129,7 @@ def test_bad_data_fails_with_one_line_naming_file_and_line(make_job, tmp_path):
 def test_fingerprint_cli_prints_the_content_hash(tiny_base, tmp_path):
     from lora_trainer.io.storage import fingerprint_dir
 
-    proc = subprocess.run(trainer_cmd("fingerprint", f"file://{tiny_base}"), env=trainer_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_trainer(tmp_path, "fingerprint", f"file://{tiny_base}", timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == fingerprint_dir(tiny_base)
 
 

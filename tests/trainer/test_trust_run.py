@@ -12,11 +12,10 @@ import logging
 import math
 import os
 import signal
-import subprocess
 
 import pytest
 import yaml
-from tiny import trainer_cmd, trainer_env
+from tiny import run_trainer
 
 from lora_operator.api import EXIT_DIVERGED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
 from lora_trainer.__main__ import run_job
@@ -118,9 +117,7 @@ def test_a_second_job_on_the_same_prefix_is_refused_naming_the_prefix_and_the_ot
     assert _run(cfg, store, tmp_path / "a", ALL) == 0
     published = (store / "out" / "job" / "lora-metadata.json").read_bytes()
     other = _other_job(cfg, tmp_path)
-    proc = subprocess.run(trainer_cmd("run", str(other), "--storage-dir", str(store), "--work-dir",
-                                      str(tmp_path / "w")), env=trainer_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_trainer(tmp_path, "run", other, "--storage-dir", store, "--work-dir", tmp_path / "w")
     assert proc.returncode == EXIT_INVALID_INPUT, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "s3://out/job" in last and "job ns/t" in last, last
@@ -195,9 +192,7 @@ def test_a_missing_output_bucket_fails_with_exit_2_before_any_base_download(make
     doc = yaml.safe_load(cfg.read_text())
     doc["spec"]["baseModel"]["uri"] = "s3://models/base"  # would be downloaded into the work dir
     cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.run(trainer_cmd("run", str(cfg), "--storage-dir", str(store), "--work-dir",
-                                      str(tmp_path / "w")), env=trainer_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_trainer(tmp_path, "run", cfg, "--storage-dir", store, "--work-dir", tmp_path / "w")
     assert proc.returncode == EXIT_INVALID_INPUT, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "s3://no-such-bucket/job" in last and "NoSuchBucket" in last, last
@@ -242,9 +237,7 @@ def test_a_key_with_dot_dot_or_an_absolute_path_is_refused(tmp_path, uri):
 
 def test_the_cli_refuses_an_escaping_output_with_exit_2(make_job, tmp_path):
     cfg, store = make_job(n_train=8, **{**SHORT, "output.uri": "s3://out/../../../escaped"})
-    proc = subprocess.run(trainer_cmd("train", str(cfg), "--storage-dir", str(store), "--work-dir",
-                                      str(tmp_path / "w")), env=trainer_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_trainer(tmp_path, "train", cfg, "--storage-dir", store, "--work-dir", tmp_path / "w")
     assert proc.returncode == EXIT_INVALID_INPUT, proc.stderr[-2000:]
     assert "s3://out/../../../escaped" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
