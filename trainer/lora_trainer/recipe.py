@@ -252,8 +252,7 @@ class LoRARecipe:
     def _all_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
             return float(value)
-        t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
-        return float(self.acc.reduce(t, reduction="sum").item())
+        return self._all_sums(torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64))[0]
 
     def _all_sums(self, values: torch.Tensor) -> list[float]:
         """Sums over ranks of a 1-d float64 tensor on the device: one host sync, one collective."""

@@ -35,8 +35,10 @@ def _plain(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _usable(module, query, segments, kwargs) -> bool:
+def _usable(module, query, key, segments, kwargs) -> bool:
     if segments is None or len(segments) != query.shape[0] or kwargs.get("softcap") is not None:
+        return False
+    if key.shape[2] != query.shape[2]:  # a cache: keys longer than the queries
         return False
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         return False
@@ -53,14 +55,13 @@ def packed_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: t
                         attention_mask, dropout: float = 0.0, scaling=None, packed_segments: Segments = None,
                         **kwargs):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), as transformers' sdpa."""
-    if not _usable(module, query, packed_segments, kwargs) or key.shape[2] != query.shape[2]:
+    if not _usable(module, query, key, packed_segments, kwargs):
         return _plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    b, h, t, _ = query.shape
-    out = query.new_zeros((b, h, t, value.shape[-1]))
+    h, t = query.shape[1], query.shape[2]
     rows = []
     for i, row in enumerate(packed_segments):
         parts, end = [], 0
@@ -70,7 +71,7 @@ def packed_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: t
                 dropout_p=dropout, scale=scaling, is_causal=True))
             end = e
         if end < t:  # the padding tail: zeros (no example attends to it, no label reads it)
-            parts.append(out[i:i + 1, :, end:])
+            parts.append(query.new_zeros((1, h, t - end, value.shape[-1])))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
