@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 KUEUE_GROUP = "kueue.x-k8s.io"
 
 
-def _version(obj: Mapping[str, Any] | None) -> int:
+def resource_version(obj: Mapping[str, Any] | None) -> int:
     """A resourceVersion as a number (etcd's revision), -1 when absent or not a number."""
     try:
         return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
@@ -153,7 +153,7 @@ class Reconciler:
         key = f"{namespace}/{name}"
         with self._lock(key):
             written = self._written.get(key)
-            usable = fresh is not None and (written is None or _version(fresh) >= written)
+            usable = fresh is not None and (written is None or resource_version(fresh) >= written)
             body = dict(fresh) if usable else self.kube.get_ltj(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 self.forget(key)
@@ -354,9 +354,9 @@ class Reconciler:
         status = derive_status(obs)
         if status != {k: prev.get(k) for k in OWNED_FIELDS}:
             written = self.kube.patch_status(meta["namespace"], meta["name"], status)
-            if _version(written) >= 0:
+            if resource_version(written) >= 0:
                 with self._guard:
-                    self._written[f"{meta['namespace']}/{meta['name']}"] = _version(written)
+                    self._written[f"{meta['namespace']}/{meta['name']}"] = resource_version(written)
         for event in [*attempt_events(prev.get("attempts"), status["attempts"]),
                       *transition_events(prev.get("conditions"), status["conditions"])]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)

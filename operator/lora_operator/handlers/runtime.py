@@ -25,17 +25,10 @@ from ..config import OperatorConfig
 from ..observability.metrics import Metrics
 from ..status import is_terminal
 from .channel import ChannelReconciler
-from .reconcile import Reconciler
+from .reconcile import Reconciler, resource_version
 from .workqueue import WorkQueue, start_workers
 
 log = logging.getLogger(__name__)
-
-
-def _version(body: Mapping[str, Any]) -> int:
-    try:
-        return int(body["metadata"].get("resourceVersion"))
-    except (TypeError, ValueError):
-        return -1
 
 
 HANDLER_THREADS = 8  # kopf's executor: the channel handlers (kopf_handlers.py)
@@ -97,7 +90,7 @@ class Runtime:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         held = self._held.get(key)
-        if held is None or _version(body) >= _version(held):
+        if held is None or resource_version(body) >= resource_version(held):
             self._held[key] = body
         return key
 
