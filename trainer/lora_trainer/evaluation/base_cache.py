@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
 from ..data.token_cache import tokenizer_digest
 from ..io import strictjson
 from ..io.cache import Cache, digest
+from ..io.metadata import library_versions
 
 FORMAT = 1
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate")
@@ -55,13 +55,6 @@ def base_cache(local_dir: Optional[Path], store=None, prefix: str = "", write_re
     return Cache("base-eval", FORMAT, "result.json", local_dir, store, prefix, write_remote)
 
 
-def _version(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def base_key(spec, tokenizer, eval_records, regression_records, max_seq_length: Optional[int],
              device: str, settings: dict) -> str:
     """The cache key (see the module docstring); `settings` are the scorer's own constants."""
@@ -71,7 +64,7 @@ def base_key(spec, tokenizer, eval_records, regression_records, max_seq_length: 
         "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision,
                  "quantization": spec.quantization, "doubleQuant": spec.double_quant,
                  "computeDtype": spec.compute_dtype, "attn": spec.attn_implementation},
-        "device": device, "libraries": {n: _version(n) for n in LIBRARIES},
+        "device": device, "libraries": library_versions(LIBRARIES),
         "tokenizer": tokenizer_digest(tokenizer),
         "heldout": digest(list(eval_records)),
         "regression": digest(list(regression_records)) if regression_records is not None else None,

@@ -30,12 +30,13 @@ def trainer_version() -> str:
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
 
-def library_versions() -> dict[str, Optional[str]]:
-    """Installed versions of the libraries that shape the weights (None: not installed)."""
+def library_versions(names=LIBRARIES) -> dict[str, Optional[str]]:
+    """Installed versions of `names` (default: the libraries that shape the weights; None: not
+    installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, Optional[str]] = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
