@@ -29,6 +29,7 @@ from .data.prepare import prepare_data
 from .data.token_cache import token_cache
 from .io import identity as ident
 from .io import preflight, release, storage, strictjson
+from .io.cache import places
 from .io.progress import ProgressWriter, mfu, peak_memory_bytes
 from .io.reporting import StepReporter
 from .model import checkpoint as ckpt
@@ -111,8 +112,7 @@ class LoRARecipe:
             self.base_dir = loading.resolve_base(base.uri, base.revision, self.rt.work_dir, **skw)
         self.tokenizer = loading.load_tokenizer(self.base_dir)
         with self.acc.local_main_process_first():
-            cache = token_cache(self.rt.work_dir / "cache", self.out_store,
-                                storage.join(self.out_key, "cache"), write_remote=self.rank0)
+            cache = token_cache(**places(self.rt.work_dir, self.out_store, self.out_key), write_remote=self.rank0)
             self.data = prepare_data(self.spec.dataset, self.tokenizer, self.rt.work_dir,
                                      self.spec.training.seed, cache=cache, **skw)
         log.info("data: %s", self.data.summary())

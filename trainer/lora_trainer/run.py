@@ -50,6 +50,7 @@ from .evaluation import in_memory, scoring
 from .evaluation.base_cache import base_cache
 from .io import identity as ident
 from .io import storage
+from .io.cache import places
 from .io.identity import ForeignPrefix
 from .io.preflight import PreflightError
 from .io.progress import ProgressWriter, write_termination_message
@@ -115,7 +116,7 @@ def inspect_job(job: Job, rt: RuntimeConfig, *, limit: Optional[int], as_json: b
     b = job.spec.base_model
     tokenizer = load_tokenizer(resolve_base(b.uri, b.revision, rt.work_dir, **skw))
     prepared = prepare_data(job.spec.dataset, tokenizer, rt.work_dir, job.spec.training.seed,
-                            cache=token_cache(rt.work_dir / "cache"), **skw)  # inspect writes no output
+                            cache=token_cache(**places(rt.work_dir)), **skw)  # inspect writes no output
     summary = {"examples": prepared.n_train, "dropped": len(prepared.drops), "truncated": prepared.truncated,
                "maxSeqLength": prepared.max_seq_length, "p95": prepared.p95}
     write_report(tokenizer, inspection_items(prepared), summary, as_json=as_json, limit=limit,
@@ -238,7 +239,7 @@ def build_context(job: Job, rt: RuntimeConfig, progress: Optional[ProgressWriter
         base_dir = resolve_base(b.uri, b.revision, rt.work_dir, **skw)
     if prepared is None:
         tok = load_tokenizer(base_dir)
-        cache = token_cache(rt.work_dir / "cache", store, storage.join(key, "cache"), write_remote=True)
+        cache = token_cache(**places(rt.work_dir, store, key), write_remote=True)
         prepared = prepare_data(job.spec.dataset, tok, rt.work_dir, job.spec.training.seed, cache=cache, **skw)
     mine = ident.of_job(job, prepared.dataset_hashes)
     local = rt.work_dir / "best"
@@ -272,7 +273,7 @@ def evaluate(ctx: StageContext) -> scoring.EvalReport:
                                                              **ctx.runtime.store_kwargs(ctx.job))
         ctx.dataset_hashes.update(hashes)
     tokenizer = load_tokenizer(ctx.base_dir)
-    cache = base_cache(ctx.runtime.work_dir / "cache", ctx.output_store, storage.join(ctx.output_key, "cache"),
+    cache = base_cache(**places(ctx.runtime.work_dir, ctx.output_store, ctx.output_key),
                        write_remote=True)  # only rank 0 evaluates
     report = scoring.evaluate(spec, ctx.base_dir, ctx.adapter_dir, ctx.eval_records(), tokenizer,
                               regression_records=regression, max_seq_length=ctx.max_seq_length,

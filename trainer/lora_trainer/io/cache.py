@@ -26,6 +26,16 @@ from . import storage, strictjson
 log = logging.getLogger(__name__)
 
 
+CACHE_DIR = "cache"  # the entries' folder, in the work dir and under the job's output prefix
+
+
+def places(work_dir: Path, store: Optional[storage.Store] = None, output_key: str = "") -> dict:
+    """Where a job's entries live: `<work dir>/cache` and, with a store, `<output>/cache`
+    (the keyword arguments of the `*_cache` constructors)."""
+    return {"local_dir": Path(work_dir) / CACHE_DIR, "store": store,
+            "prefix": storage.join(output_key, CACHE_DIR) if store is not None else ""}
+
+
 def digest(value: Any) -> str:
     """SHA-256 (hex) of `value` as canonical strict JSON (sorted keys, no whitespace)."""
     raw = strictjson.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
