@@ -109,3 +109,27 @@ def test_split_is_deterministic_and_disjoint():
     train, held = a
     assert len(held) == 5 and len(train) == 45
     assert {json.dumps(r) for r in train}.isdisjoint(json.dumps(r) for r in held)
+
+
+def test_span_labels_equal_the_membership_definition():
+    """The one-walk labelling equals "token starts inside some span", also for overlapping spans
+    and offsets that go back."""
+    import random
+
+    from lora_trainer.data.rendering import span_labels
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(0, 30)
+        starts = sorted(rng.randint(0, 60) for _ in range(n))
+        if n > 3 and rng.random() < 0.3:
+            starts[n // 2] = 0  # offsets that go back
+        ids = [rng.randint(5, 99) for _ in range(n)]
+        spans = []
+        for _ in range(rng.randint(0, 4)):
+            a = rng.randint(0, 60)
+            spans.append((a, a + rng.randint(1, 20)))
+        want = [t if any(s <= st < e for s, e in spans) else -100 for t, st in zip(ids, starts)]
+        if want:
+            want[0] = -100
+        assert span_labels(ids, starts, spans) == want, (starts, spans)

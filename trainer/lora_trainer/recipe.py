@@ -147,8 +147,8 @@ class LoRARecipe:
         log.info("trainable params: %d of %d (%.4f%%)", self.trainable, self.total_params,
                  100 * self.trainable / self.total_params)
         t = s.training
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.trained_params = [p for p in model.parameters() if p.requires_grad]  # clipped each step
+        optimizer = adamw(self.trained_params, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def _setup_schedule(self) -> None:
@@ -285,7 +285,7 @@ class LoRARecipe:
             raise Diverged(f"non-finite loss ({loss}) at step {self.step + 1}: training diverged; the step "
                            "was not applied (lower training.learningRate, or check the data)")
         if self.spec.training.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.spec.training.max_grad_norm)
+            self.acc.clip_grad_norm_(self.trained_params, self.spec.training.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

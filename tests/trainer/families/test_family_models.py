@@ -56,9 +56,13 @@ def test_attention_kernel_is_sdpa_where_supported_and_packed_logits_equal_unpack
                 at += len(ex)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "checkpointed"])
 @pytest.mark.parametrize("family", NAMES)
-def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients(family_base, family):
+def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients(family_base, family, recompute, monkeypatch):
     from peft import LoraConfig, get_peft_model
+
+    # tiny vocabularies give small chunks, which are kept; 0 forces the checkpointed path
+    monkeypatch.setattr(loss, "CHECKPOINT_MIN_ELEMENTS", 0 if recompute else 1 << 30)
 
     path = family_base(family)
     tok = m.load_tokenizer(path)

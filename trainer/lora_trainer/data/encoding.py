@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .records import IGNORE, DataError, Example
-from .rendering import Rendered, TemplateRefused, render_chat, token_labels, whole_text
+from .rendering import Rendered, TemplateRefused, render_chat, span_labels, token_starts, whole_text
 
 
 @dataclass
@@ -50,18 +50,19 @@ class Encoding:
     refused: list[Drop] = field(default_factory=list)  # records the template refused (skip mode)
 
 
+def _span_ends(starts: list[int], spans) -> tuple[int, ...]:
+    """Per span, the number of tokens that start before its end (where that turn's tokens end)."""
+    return tuple(sum(1 for s in starts if s < end) for _, end in spans) if starts else ()
+
+
 def _token_ends(tokenizer, rendered: Rendered, n_tokens: int) -> tuple[int, ...]:
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [s for s, _ in enc["offset_mapping"]]
-    return tuple(sum(1 for s in starts if s < end) for _, end in rendered.spans) if n_tokens else ()
+    return _span_ends(token_starts(tokenizer, rendered.text)[1], rendered.spans) if n_tokens else ()
 
 
 def _from_rendered(tokenizer, rendered: Rendered, line, train_on_prompt: bool) -> Sourced:
-    ids, labels = token_labels(tokenizer, rendered, IGNORE)
-    ends = _token_ends(tokenizer, rendered, len(ids))
-    if train_on_prompt:
-        labels = [IGNORE] + ids[1:]
-    return Sourced(ids, labels, line=line, turn=rendered.turn, ends=ends)
+    ids, starts = token_starts(tokenizer, rendered.text)  # one tokenization for labels and ends
+    labels = [IGNORE] + ids[1:] if train_on_prompt else span_labels(ids, starts, rendered.spans, IGNORE)
+    return Sourced(ids, labels, line=line, turn=rendered.turn, ends=_span_ends(starts, rendered.spans))
 
 
 def encode_chat(tokenizer, messages, train_on_prompt: bool = False, template_kwargs=None,

@@ -130,13 +130,30 @@ def whole_text(tokenizer, messages, template_kwargs: Optional[dict] = None) -> R
 def token_labels(tokenizer, rendered: Rendered, ignore: int = -100) -> tuple[list[int], list[int]]:
     """Token ids of `rendered.text` and labels: the id where the token starts inside a trained
     span, `ignore` elsewhere. The first label is always `ignore` (nothing predicts token 0)."""
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [tok if any(s <= start < e for s, e in rendered.spans) else ignore
-              for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    ids, starts = token_starts(tokenizer, rendered.text)
+    return ids, span_labels(ids, starts, rendered.spans, ignore)
+
+
+def token_starts(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the character offset where each token starts."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]]
+
+
+def span_labels(ids: list[int], starts: list[int], spans, ignore: int = -100) -> list[int]:
+    """The id of each token that starts inside one of `spans` (sorted [start, end) character
+    ranges), `ignore` for the others and for token 0. One walk over tokens and spans together."""
+    labels, k, spans, last = [], 0, sorted(spans), 0
+    for tok, start in zip(ids, starts):
+        if start < last:  # offsets went back (never for the tokenizers here): walk from the top
+            k = 0
+        last = start
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        labels.append(tok if k < len(spans) and spans[k][0] <= start else ignore)
     if labels:
         labels[0] = ignore
-    return ids, labels
+    return labels
 
 
 # Reasoning blocks that chat templates render around a model's thinking, (open, close).

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB of fp32)
 MIN_CHUNK = 128
+CHECKPOINT_MIN_ELEMENTS = 1 << 22  # logits in a chunk below which it is kept, not recomputed
 
 
 def chunk_tokens(vocab: int) -> int:
@@ -58,7 +59,8 @@ def chunked_ce(head, hidden: torch.Tensor, targets: torch.Tensor, softcap=None,
     total = hidden.new_zeros((), dtype=torch.float32)
     for at in range(0, hidden.shape[0], chunk):
         h, t = hidden[at:at + chunk], targets[at:at + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        big = h.shape[0] * head.weight.shape[0] >= CHECKPOINT_MIN_ELEMENTS
+        if big and torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_head_ce, head, softcap, h, t, use_reentrant=False)
         else:
             total = total + _head_ce(head, softcap, h, t)
