@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="operator: seconds of API traffic counted while jobs train")
     parser.add_argument("--idle-s", type=float, default=20.0, help="operator: idle window (0 status PATCHes)")
+    parser.add_argument("--trl-rounds", type=int, default=3,
+                        help="pairs of runs (ours, TRL) in the TRL comparison; medians are reported")
     parser.add_argument("--only", choices=["trainer", "trl", "upload", "operator"])
     args = parser.parse_args()
     results_dir = HERE / "results"
@@ -84,7 +86,7 @@ def main() -> int:
     suites = {
         "trainer": lambda: trainer_bench.run(work / "trainer"),
         "trl": lambda: trl_bench.run(work / "trl", n_train=96 if args.quick else 1080,
-                                     rounds=1 if args.quick else 2),
+                                     rounds=1 if args.quick else args.trl_rounds),
         "upload": lambda: upload_bench.run(work / "upload"),
         "operator": lambda: operator_bench.run(
             work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,
