@@ -114,3 +114,15 @@ def test_generation_with_the_packed_implementation_equals_sdpa(tiny_base):
                                      return_tensors="pt", return_dict=True)
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
     assert ours.generate(**prompt, **kw, use_cache=True).tolist() == plain.generate(**prompt, **kw).tolist()
+
+
+@pytest.mark.parametrize("segments", [((0, 5), (7, 12)), ((2, 9),), ((0, 9), (9, 20))],
+                         ids=["gap", "not-from-0", "past-the-row"])
+def test_segments_that_do_not_tile_the_row_take_the_masked_path(segments, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "_plain", lambda *a, **k: calls.append(1) or ("plain", None))
+    q = torch.randn(1, 2, 16, 8)
+    out = attention.packed_sdpa_forward(torch.nn.Module(), q, q, q, None, packed_segments=(segments,))
+    assert out[0] == "plain" and calls == [1]
+    tiled = attention.packed_sdpa_forward(torch.nn.Module(), q, q, q, None, packed_segments=(((0, 5), (5, 12)),))
+    assert tiled[0].shape == (1, 16, 2, 8) and calls == [1]

@@ -48,7 +48,8 @@ def _usable(module, query, key, segments, kwargs) -> bool:
     window = kwargs.get("sliding_window")
     if window is not None and longest > window:
         return False
-    return all(len(row) <= MAX_SEGMENTS for row in segments)
+    t = query.shape[2]  # the examples must tile each row from 0 (then padding): what packing makes
+    return all(len(row) <= MAX_SEGMENTS and _pieces(row, t) is not None for row in segments)
 
 
 def packed_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,19 +62,35 @@ def packed_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: t
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    h, t = query.shape[1], query.shape[2]
-    rows = []
-    for i, row in enumerate(packed_segments):
-        parts, end = [], 0
-        for s, e in row:
-            parts.append(F.scaled_dot_product_attention(
-                query[i:i + 1, :, s:e], key[i:i + 1, :, s:e], value[i:i + 1, :, s:e],
-                dropout_p=dropout, scale=scaling, is_causal=True))
-            end = e
-        if end < t:  # the padding tail: zeros (no example attends to it, no label reads it)
-            parts.append(query.new_zeros((1, h, t - end, value.shape[-1])))
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    t = query.shape[2]
+    by_row = zip(*(x.split(1, dim=0) for x in (query, key, value)))
+    rows = [_row(q, k, v, row, t, dropout, scaling) for (q, k, v), row in zip(by_row, packed_segments)]
+    return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]).transpose(1, 2).contiguous(), None
+
+
+def _pieces(row, t: int) -> list[int] | None:
+    """Lengths of the examples and the padding tail when they tile [0, t) in order, else None."""
+    sizes, at = [], 0
+    for s, e in row:
+        if s != at or e <= s or e > t:
+            return None
+        sizes.append(e - s)
+        at = e
+    return sizes + [t - at] if at < t else sizes
+
+
+def _row(q, k, v, row, t: int, dropout: float, scaling):
+    """Attention of one row (1, H, T, D): causal sdpa per example, zeros on the padding tail.
+
+    The examples are taken with `split`, whose backward is one concatenation of the gradients
+    (a slice's backward would write each into a zero tensor of the whole row)."""
+    qs, ks, vs = (x.split(_pieces(row, t), dim=2) for x in (q, k, v))
+    parts = [F.scaled_dot_product_attention(qs[j], ks[j], vs[j], dropout_p=dropout, scale=scaling, is_causal=True)
+             for j in range(len(row))]
+    end = row[-1][1] if row else 0
+    if end < t:  # the padding tail: zeros (no example attends to it, no label reads it)
+        parts.append(q.new_zeros((1, q.shape[1], t - end, v.shape[-1])))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def register() -> str:
