@@ -72,7 +72,10 @@ def main() -> int:
     parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="operator: seconds of API traffic counted while jobs train")
-    parser.add_argument("--idle-s", type=float, default=20.0, help="operator: idle window (0 status PATCHes)")
+    parser.add_argument("--idle-s", type=float, default=35.0,
+                        help="operator: idle window (0 status PATCHes); above the 30 s resync interval")
+    parser.add_argument("--rate", type=float, default=operator_bench.RATE,
+                        help="operator: LoRATrainingJobs sent per second (fixed arrival)")
     parser.add_argument("--only", choices=["trainer", "trl", "upload", "operator"])
     args = parser.parse_args()
     results_dir = HERE / "results"
@@ -88,7 +91,7 @@ def main() -> int:
         "upload": lambda: upload_bench.run(work / "upload"),
         "operator": lambda: operator_bench.run(
             work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,
-            _sizes(args.baseline_sizes), window_s=args.window_s, idle_s=args.idle_s),
+            _sizes(args.baseline_sizes), window_s=args.window_s, idle_s=args.idle_s, rate=args.rate),
     }
     rows = []
     for name, fn in suites.items():

@@ -47,7 +47,7 @@ class Runtime:
         store = ProgressStore()
         self.reconciler = Reconciler(config, self.kube, store, self.metrics)
         self.channels = ChannelReconciler(config, self.kube, store)
-        self.queue = WorkQueue()
+        self.queue = WorkQueue(on_wait=lambda lane, s: self.metrics.queue_wait.labels(lane=lane).observe(s))
         self._held: dict[tuple[str, str], dict[str, Any]] = {}  # bodies for queued passes (no GET)
         self._seen: dict[tuple[str, str], tuple[str, Any]] = {}  # key -> (uid, generation) queued
         self._retry: dict[tuple[str, str], float] = {}  # key -> when a failed pass runs again
@@ -79,7 +79,8 @@ class Runtime:
         with self._lock:
             held = self._held.pop(key, None)
         try:
-            self.reconcile(*key, held)
+            with self.metrics.pass_time.time():
+                self.reconcile(*key, held)
         except Exception:
             with self._lock:
                 self._retry[key] = time.monotonic() + RETRY_S
@@ -113,7 +114,7 @@ class Runtime:
                 return
             self._seen[key] = seen
             self._hold(body)
-        self.enqueue(*key)
+        self.queue.add(key, urgent=True)  # someone waits for its Job (workqueue.py: lanes)
 
     def reconcile_channel(self, namespace: str, name: str) -> None:
         try:
