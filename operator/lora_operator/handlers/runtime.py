@@ -39,10 +39,10 @@ class Runtime:
     def __init__(self, config: OperatorConfig, namespaces: Iterable[str] = (), kube: KubeClient | None = None):
         self.config = config
         self.namespaces = tuple(namespaces)
-        # One pooled connection per thread that may call the API at once (+ the informers, the
-        # resync and the event posters).
+        # One pooled connection per thread that may call the API at once: kopf's, the workers and
+        # their side creates (reconcile.py: two each), the informers, the resync, the event posters.
         self.kube = kube or KubeClient(timeout=config.request_timeout,
-                                       pool_size=HANDLER_THREADS + config.workers + 8)
+                                       pool_size=HANDLER_THREADS + 3 * config.workers + 8)
         self.metrics = Metrics()
         store = ProgressStore()
         self.reconciler = Reconciler(config, self.kube, store, self.metrics)

@@ -50,3 +50,11 @@ def attempt_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, 
     failed_before = {a.get("index") for a in old or () if a.get("outcome") == "Failed"}
     return [Event("Warning", "AttemptFailed", describe_failure(a)[:1024])
             for a in new or () if a.get("outcome") == "Failed" and a.get("index") not in failed_before]
+
+
+def attempt_started(job_name: str, attempt: int, transitions: list[Event]) -> list[Event]:
+    """The Events of a pass that started an attempt: AttemptStarted, naming the Job, in place of
+    the first attempt's Admitted=True JobCreated, which says the same with less (one Event per
+    job less to post while a thousand new jobs start)."""
+    kept = [e for e in transitions if e.reason != c.JOB_CREATED]
+    return [Event("Normal", "AttemptStarted", f"Job {job_name} (attempt {attempt})"), *kept]
