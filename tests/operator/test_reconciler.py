@@ -118,6 +118,22 @@ def test_should_create_config_and_network_policy_side_by_side_before_the_job_and
     assert told == [("AttemptStarted", "Job demo-a1 (attempt 1)")], "one Event for the start, naming the Job"
 
 
+def test_should_leave_a_starts_status_write_to_a_later_pass_with_the_same_body_when_asked(world):
+    kube, _, make = world
+    later = []
+    reconciler = make()
+    reconciler.later = lambda namespace, name, body: later.append((namespace, name, body))
+    body = copy.deepcopy(kube.ltj)
+    reconciler.reconcile("ns", "demo", body)
+    assert ("Job", "demo-a1") in kube.objects and kube.status_patches == [] and kube.events == []
+    assert [(ns, name) for ns, name, _ in later] == [("ns", "demo")]
+    reconciler.reconcile("ns", "demo", later[0][2])  # the queued pass
+    assert kube.gets == 0, "the start wrote nothing, so its body is current"
+    assert len(kube.status_patches) == 1 and kube.ltj["status"]["attempts"][0]["jobName"] == "demo-a1"
+    assert [r for _, r, _ in kube.events if r in ("AttemptStarted", "JobCreated")] == ["AttemptStarted"]
+    assert len(later) == 1, "the queued pass starts nothing and queues nothing"
+
+
 def test_should_create_no_job_when_its_network_policy_cannot_be_made(world):
     kube, _, make = world
     create = kube.create

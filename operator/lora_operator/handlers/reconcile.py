@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..api import KIND, LoRATrainingJobSpec, SpecError, check_name, parse_spec
@@ -116,8 +116,13 @@ class _Read:
 
 class Reconciler:
     def __init__(self, config: OperatorConfig, kube: KubeClient, storage: ProgressStore, metrics: Metrics,
-                 clock: Callable[[], str] = now_rfc3339):
+                 clock: Callable[[], str] = now_rfc3339,
+                 later: Callable[[str, str, Mapping[str, Any]], None] | None = None):
+        """later(namespace, name, body): when given, a pass that started an attempt leaves its
+        status write to a pass it queues this way (the runtime's normal lane), so that while new
+        jobs arrive their starts come first; without it the pass writes at once."""
         self.config, self.kube, self.storage, self.metrics, self.clock = config, kube, storage, metrics, clock
+        self.later = later
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._progress: dict[str, _Read] = {}
@@ -200,11 +205,16 @@ class Reconciler:
                         blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
                 if started and limited:
                     self._starts.started(owner.namespace, started.name, selector_labels(owner.name)[LABEL_JOB])
-        # A Job created this pass has written nothing yet: read on the next pass, not now.
-        progress = None if started else self._read_progress(body, owner, spec, jobs)
-        return self._write(body, Observed(
-            generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
-            jobs=tuple(jobs), blocked=blocked, progress=progress, workload=workload), started)
+        observed = Observed(generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries,
+                            queue_name=queue, jobs=tuple(jobs), blocked=blocked, workload=workload)
+        if started:
+            # A Job created this pass has written nothing yet: no progress read until the interval.
+            self._progress[f"{owner.namespace}/{owner.name}"] = _Read(owner.uid, time.monotonic(), None)
+            if self.later is not None:  # the status write waits behind the next new job's start
+                self.later(owner.namespace, owner.name, body)
+                return derive_status(observed)
+            return self._write(body, observed)
+        return self._write(body, replace(observed, progress=self._read_progress(body, owner, spec, jobs)))
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[LoRATrainingJobSpec | None, tuple[str, str] | None]:
         try:
@@ -364,7 +374,7 @@ class Reconciler:
             return keys.get("AWS_ACCESS_KEY_ID"), keys.get("AWS_SECRET_ACCESS_KEY")
         return None, None
 
-    def _write(self, body: Mapping[str, Any], obs: Observed, started: JobView | None = None) -> dict[str, Any]:
+    def _write(self, body: Mapping[str, Any], obs: Observed) -> dict[str, Any]:
         meta, prev = body["metadata"], obs.previous
         status = derive_status(obs)
         if status != {k: prev.get(k) for k in OWNED_FIELDS}:
@@ -372,9 +382,8 @@ class Reconciler:
             if resource_version(written) >= 0:
                 with self._guard:
                     self._written[f"{meta['namespace']}/{meta['name']}"] = resource_version(written)
-        events = transition_events(prev.get("conditions"), status["conditions"])
-        if started is not None:
-            events = attempt_started(started.name, started.attempt, events)
+        events = attempt_started(prev.get("attempts"), status["attempts"],
+                                 transition_events(prev.get("conditions"), status["conditions"]))
         for event in [*attempt_events(prev.get("attempts"), status["attempts"]), *events]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)
             self.kube.emit_event(body, event.type, event.reason, event.message)

@@ -6,6 +6,11 @@ job at start-up, or a spec change: a new generation), changes of child Jobs (the
 clients/informer.py), the resync timer, and a failed pass (again after RETRY_S). The event's or
 the resync's body of the job goes with its key, so the pass needs no GET (see reconcile.py for
 when it GETs anyway).
+
+The event handler's passes go in the queue's urgent lane (someone waits for the Job), the rest in
+the normal lane; a pass that started an attempt queues its status write as a normal pass
+(Reconciler.later). While a thousand new jobs arrive, the API server's time goes to their
+ConfigMaps, NetworkPolicies and Jobs first; their status writes (and the Events with them) follow.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Runtime:
                                        pool_size=HANDLER_THREADS + 3 * config.workers + 8)
         self.metrics = Metrics()
         store = ProgressStore()
-        self.reconciler = Reconciler(config, self.kube, store, self.metrics)
+        self.reconciler = Reconciler(config, self.kube, store, self.metrics, later=self._later)
         self.channels = ChannelReconciler(config, self.kube, store)
         self.queue = WorkQueue(on_wait=lambda lane, s: self.metrics.queue_wait.labels(lane=lane).observe(s))
         self._held: dict[tuple[str, str], dict[str, Any]] = {}  # bodies for queued passes (no GET)
@@ -94,6 +99,13 @@ class Runtime:
         if held is None or resource_version(body) >= resource_version(held):
             self._held[key] = body
         return key
+
+    def _later(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A pass for this job in the normal lane, with the body its start pass used (it wrote no
+        status, so the body is current): the start pass's status write, after new jobs' starts."""
+        with self._lock:
+            self._hold(body)
+        self.enqueue(namespace, name)
 
     def on_job_event(self, kind: str | None, body: Mapping[str, Any]) -> None:
         """A watch event of a LoRATrainingJob (kind None: kopf's initial listing). Queues a pass
