@@ -55,6 +55,18 @@ def test_should_hand_out_urgent_keys_first_and_move_a_waiting_key_up_once():
     assert queue.get(stop, poll=0.01) is None, "the moved key's old place is not a second pass"
 
 
+def test_should_hand_out_a_waiting_normal_key_after_a_run_of_urgent_ones():
+    from lora_operator.handlers.workqueue import URGENT_RUN
+
+    queue, stop = WorkQueue(), threading.Event()
+    queue.add("upkeep")
+    for i in range(2 * URGENT_RUN):
+        queue.add(f"new-{i}", urgent=True)
+    got = [queue.get(stop, poll=0.01) for _ in range(URGENT_RUN + 2)]
+    assert got[URGENT_RUN] == "upkeep", "a burst of new jobs does not starve the status upkeep"
+    assert got[:URGENT_RUN] == [f"new-{i}" for i in range(URGENT_RUN)] and got[-1] == f"new-{URGENT_RUN}"
+
+
 def test_should_keep_an_urgent_change_urgent_when_it_arrives_during_the_keys_pass():
     queue, stop = WorkQueue(), threading.Event()
     queue.add("k")

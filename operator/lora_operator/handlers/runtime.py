@@ -8,9 +8,10 @@ the resync's body of the job goes with its key, so the pass needs no GET (see re
 when it GETs anyway).
 
 The event handler's passes go in the queue's urgent lane (someone waits for the Job), the rest in
-the normal lane; a pass that started an attempt queues its status write as a normal pass
-(Reconciler.later). While a thousand new jobs arrive, the API server's time goes to their
-ConfigMaps, NetworkPolicies and Jobs first; their status writes (and the Events with them) follow.
+the normal lane (workqueue.py); a pass that started an attempt queues its status write as a
+normal pass (Reconciler.later). While a thousand new jobs arrive, the API server's time goes to
+their ConfigMaps, NetworkPolicies and Jobs first; their status writes (and the Events with them)
+mostly follow.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ concurrency, so a thousand jobs need neither a thousand threads nor one thread i
 Two lanes: `urgent` keys (a job new to the operator or with a new spec: someone waits for its
 Job) are handed out before the others (child-Job changes, resyncs, retries: status upkeep). In a
 burst of a thousand new jobs each new job then waits only behind other new jobs, not behind the
-status passes of the ones already started, which wait until the burst is through (bounded by it).
+status passes of the ones already started. Those are not starved by an endless stream of new
+jobs either: after URGENT_RUN urgent keys in a row, a waiting normal key goes next.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Hashable
 log = logging.getLogger(__name__)
 URGENT, NORMAL = 0, 1
 LANES = ("urgent", "normal")
+URGENT_RUN = 8  # urgent keys handed out in a row while normal ones wait (then one normal key)
 
 
 class WorkQueue:
@@ -35,6 +37,7 @@ class WorkQueue:
         self._active: set[Hashable] = set()
         self._again: dict[Hashable, int] = {}  # key -> lane, to queue after its running pass
         self._on_wait, self._clock = on_wait, clock
+        self._run = 0  # urgent keys handed out in a row
 
     def __len__(self) -> int:
         with self._cond:
@@ -57,10 +60,13 @@ class WorkQueue:
         self._cond.notify()
 
     def _pop(self) -> Hashable | None:
-        for lane, order in enumerate(self._lanes):
+        lanes = (NORMAL, URGENT) if self._run >= URGENT_RUN else (URGENT, NORMAL)
+        for lane in lanes:
+            order = self._lanes[lane]
             while order:
                 key = order.popleft()
                 if self._queued.get(key, (None,))[0] == lane:  # else a stale entry of a moved key
+                    self._run = self._run + 1 if lane == URGENT else 0
                     return key
         return None
 
