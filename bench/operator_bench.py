@@ -412,7 +412,7 @@ def figures(results: list[dict]) -> list[dict]:
 
 
 def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None,
-        baseline_sizes=(1000,), **timing) -> dict:
+        baseline_sizes=(500,), **timing) -> dict:
     """timing: window_s, idle_s, rate of run_one (the smoke test makes them short)."""
     from kubernetes import config
 

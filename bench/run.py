@@ -69,7 +69,8 @@ def main() -> int:
                         help="operator N = 50 only; TRL comparison on 96 examples, one pair of runs")
     parser.add_argument("--sizes", default="50,500,1000,2000", help="operator N series (comma list)")
     parser.add_argument("--baseline-ref", help="also run this git ref's operator (before/after, same run)")
-    parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
+    parser.add_argument("--baseline-sizes", default="500",
+                        help="N series for --baseline-ref (d361065 finishes 500 jobs in minutes)")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="operator: seconds of API traffic counted while jobs train")
     parser.add_argument("--idle-s", type=float, default=35.0,
