@@ -445,4 +445,13 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         if spaces:
             subprocess.run(["kubectl", "--kubeconfig", str(KUBECONFIG), "delete", "namespace", *spaces,
                             "--wait=false"], capture_output=True, check=False)
-    return {"raw": results, "figures": figures(results)}
+    settings = {"sizes": list(sizes), "baseline_ref": baseline_ref,
+                "baseline_sizes": list(baseline_sizes) if baseline_ref else [],
+                "arrival_per_s": timing.get("rate", RATE), "arrival_threads": ARRIVAL_THREADS,
+                "resync_and_progress_interval_s": INTERVAL, "progress_write_every_s": STEP_S,
+                "kube_controller_manager_qps": "100 (burst 200; hack/localcluster.py)",
+                "apply": "the create's answer (client clock); Job seen by a watch",
+                "window": "opens once every training job's Job counts a Ready pod",
+                "namespaces": "kept until the series ends, then deleted in the background"}
+    return {"settings": {**settings, **{k: v for k, v in timing.items() if k != "rate"}},
+            "raw": results, "figures": figures(results)}
