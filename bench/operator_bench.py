@@ -370,6 +370,21 @@ def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
             "requests_by_verb_resource": dict(sorted(delta.items(), key=lambda kv: -kv[1]))}
 
 
+def controller_manager_qps() -> str:
+    """The running kube-controller-manager's client rate, read from its command line (a cluster
+    started before hack/localcluster.py raised it still runs the stock 20: restart it)."""
+    signature = f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}"
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if signature in argv:
+            flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--kube-api-") and "=" in a)
+            return f"{flags.get('kube-api-qps', '20 (stock)')} burst {flags.get('kube-api-burst', '30 (stock)')}"
+    return "unknown"
+
+
 def baseline_tree(ref: str, work: Path) -> Path:
     """`git archive REF operator/` into work: the operator as it was at REF."""
     dest = work / f"baseline-{ref[:12]}"
@@ -449,7 +464,7 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
                 "baseline_sizes": list(baseline_sizes) if baseline_ref else [],
                 "arrival_per_s": timing.get("rate", RATE), "arrival_threads": ARRIVAL_THREADS,
                 "resync_and_progress_interval_s": INTERVAL, "progress_write_every_s": STEP_S,
-                "kube_controller_manager_qps": "100 (burst 200; hack/localcluster.py)",
+                "kube_controller_manager_qps": controller_manager_qps(),
                 "apply": "the create's answer (client clock); Job seen by a watch",
                 "window": "opens once every training job's Job counts a Ready pod",
                 "namespaces": "kept until the series ends, then deleted in the background"}
