@@ -438,6 +438,9 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
     config.load_kube_config(str(KUBECONFIG))
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     s3env = read_s3_env()
+    if not controller_manager_qps().startswith("100 "):
+        print(f"warning: kube-controller-manager at {controller_manager_qps()} requests/s, not the 100 of "
+              "hack/localcluster.py (a cluster started before that change): `localcluster.py down; up`", flush=True)
     sim = start_sim_node(work)
     results = []
     try:
