@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 log = logging.getLogger(__name__)
 URGENT, NORMAL = 0, 1
 LANES = ("urgent", "normal")
-URGENT_RUN = 8  # urgent keys handed out in a row while normal ones wait (then one normal key)
+URGENT_RUN = 16  # urgent keys handed out in a row while normal ones wait (then one normal key)
 
 
 class WorkQueue:
