@@ -1,7 +1,9 @@
 """The operator at scale on simulated pods: latency, footprint and API traffic per job.
 
-For each N a fresh namespace gets N LoRATrainingJobs, created by a few client threads as fast as
-the API server takes them. Their pods run on a simulated node (hack/podrunner.py --simulate
+For each N a fresh namespace gets N LoRATrainingJobs, sent at a fixed rate (RATE, 50/s: Argo CD's
+default client QPS, a GitOps sync applying a thousand manifests as fast as its client lets it),
+so the arrival does not depend on the operator under test; a send the API server holds up starts
+late (`arrival_late_s`). Their pods run on a simulated node (hack/podrunner.py --simulate
 --selected-only, started here next to the cluster's real node): no processes, a stand-in trainer
 writes progress.json to S3 on a schedule (hack/podsim_script.py). Two groups:
 
@@ -10,12 +12,16 @@ writes progress.json to S3 on a schedule (hack/podsim_script.py). Two groups:
   as the measurement takes; after the window the bench fast-forwards them (the simulated node's
   `podsim.lora.dev/finish-before` annotation) and they pass the gate and succeed.
 
-Measured, client-side clocks: apply -> child Job seen (every job; watch), apply -> Succeeded
+Measured, client-side clocks: apply (the create answered) -> child Job seen (every job; watch), apply -> Succeeded
 (instant group). At the API server's /metrics (apiserver_request_total by verb/resource/
 subresource, all clients): requests in the window while every training job trains, per job per
-minute; LoRATrainingJob status PATCHes (only the operator writes them); then, once every job has
-finished, status PATCHes over an idle window (target 0). The operator's peak RSS (VmHWM) and CPU
-seconds (utime + stime) come from /proc.
+minute (the window opens once every training job's Job counts a Ready pod); LoRATrainingJob
+status PATCHes (only the operator writes them); then, once every job has finished, status
+PATCHes over an idle window that spans a resync (target 0). The operator's peak RSS (VmHWM) and
+CPU seconds (utime + stime) come from /proc; where its time went (queue wait by lane, pass
+durations) from its own /metrics, once every Job exists (`profile_arrival`) and at the end.
+Each size's namespace stays until the series ends (its jobs have all finished) and is then
+deleted in the background: no size waits for the garbage collector of another.
 
 `baseline_src` runs the same series against another operator tree (e.g. `git archive` of an
 earlier commit), so before/after are measured on the same machine in the same run.
@@ -47,6 +53,10 @@ LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
 INTERVAL = 30.0  # operator resync and progress interval (the defaults), so 2 status PATCHes/job/min at most
 STEP_S = 10.0  # the stand-in trainer writes progress.json every 10 s (the real trainer's default)
 TRAIN_S = 3600.0  # long enough for any N; ended by fast-forward after the window
+# Jobs arrive at a fixed rate: Argo CD's and Flux's default client QPS (50), i.e. a GitOps sync of
+# a thousand manifests applying them as fast as its client lets it.
+RATE = 50.0
+ARRIVAL_THREADS = 50  # 50/s holds while the API server answers within 1 s
 
 
 def kubectl(*args: str, input: str | None = None) -> str:
@@ -110,11 +120,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_operator(namespace: str, log: Path, s3_endpoint: str, src: Path | None) -> subprocess.Popen:
+def _start_operator(namespace: str, log: Path, s3_endpoint: str, src: Path | None,
+                    metrics_port: int) -> subprocess.Popen:
     """The operator on one namespace; returns once its liveness endpoint answers (start-up under
     load takes seconds and is not what we measure)."""
     health = f"http://127.0.0.1:{_free_port()}/healthz"
-    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG), "LORA_S3_ENDPOINT": s3_endpoint, "LORA_METRICS_PORT": "0",
+    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG), "LORA_S3_ENDPOINT": s3_endpoint,
+           "LORA_METRICS_PORT": str(metrics_port),
            "LORA_LIVENESS_ENDPOINT": health, "LORA_RESYNC_INTERVAL": str(INTERVAL),
            "LORA_PROGRESS_INTERVAL": str(INTERVAL),
            # the jobs select the simulated node by hostname; the platform's policy must allow that key
@@ -136,13 +148,43 @@ def _start_operator(namespace: str, log: Path, s3_endpoint: str, src: Path | Non
     return proc
 
 
+def operator_profile(port: int) -> dict:
+    """Where the operator's time went, from its own /metrics: passes, and the time a queued pass
+    waited for a worker by lane (mean; p95 as the upper bound of its histogram bucket). An
+    operator without these metrics (an older tree) gives {}."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("lora_operator_queue_wait_seconds", "lora_operator_reconcile_seconds")):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    out = {}
+    for label, prefix in (("pass", "lora_operator_reconcile_seconds"),
+                          ("wait_urgent", 'lora_operator_queue_wait_seconds'),
+                          ("wait_normal", 'lora_operator_queue_wait_seconds')):
+        sel = "" if label == "pass" else f'lane="{label.split("_")[1]}"'
+        count = samples.get(f"{prefix}_count{{{sel}}}" if sel else f"{prefix}_count", 0.0)
+        if not count:
+            continue
+        total = samples.get(f"{prefix}_sum{{{sel}}}" if sel else f"{prefix}_sum", 0.0)
+        buckets = sorted((float(m.group(1)), v) for k, v in samples.items()
+                         if k.startswith(f"{prefix}_bucket") and (not sel or sel in k)
+                         and (m := re.search(r'le="([^"]+)"', k)) and m.group(1) != "+Inf")
+        p95 = next((le for le, v in buckets if v >= 0.95 * count), float("inf"))
+        out[label] = {"count": int(count), "mean_s": round(total / count, 4), "p95_le_s": p95}
+    return out
+
+
 class Watcher:
-    """First time (client clock) each job's Job appeared, its Job became active, it Succeeded."""
+    """First time (client clock) each job's Job appeared, its Job had a Ready pod, it Succeeded."""
 
     def __init__(self, namespace: str):
         self.namespace = namespace
         self.job_seen: dict[str, float] = {}
-        self.active: dict[str, float] = {}
+        self.ready: dict[str, float] = {}
         self.finished: dict[str, float] = {}
         self.succeeded: dict[str, float] = {}
         self.stop = threading.Event()
@@ -179,8 +221,8 @@ class Watcher:
             name = (job.metadata.labels or {}).get(f"{GROUP}/job") or job.metadata.name.rsplit("-a", 1)[0]
             t = time.monotonic()
             self.job_seen.setdefault(name, t)
-            if job.status.active or job.status.succeeded:
-                self.active.setdefault(name, t)
+            if job.status.ready or job.status.succeeded:
+                self.ready.setdefault(name, t)
             if any(c.type in ("Complete", "Failed") and c.status == "True" for c in job.status.conditions or ()):
                 self.finished.setdefault(name, t)
 
@@ -219,54 +261,81 @@ def _prepare(namespace: str, s3env: dict) -> str:
     return bucket
 
 
-def _create_all(namespace: str, bucket: str, n: int) -> tuple[dict[str, float], set[str]]:
+def _create_all(namespace: str, bucket: str, n: int, rate: float) -> tuple[dict[str, float], set[str], float]:
+    """Job i is sent at i / rate seconds (a fixed arrival, whatever the operator does), by enough
+    client threads that a slow answer delays no later send; a send the API server holds up starts
+    late. Returns creation times (when the API server answered), the instant group, and the
+    latest start behind schedule in seconds."""
     from kubernetes import client
 
-    custom = client.CustomObjectsApi()
+    custom = client.CustomObjectsApi(client.ApiClient(_pool_config(ARRIVAL_THREADS)))
     instant = {f"bench-{i:04d}" for i in range(0, n, 10)} if n >= 50 else {f"bench-{i:04d}" for i in range(min(n, 5))}
     created: dict[str, float] = {}
+    late = [0.0]
+    t0 = time.monotonic()
 
     def create(i: int) -> None:
         name = f"bench-{i:04d}"
+        due = t0 + i / rate
+        time.sleep(max(0.0, due - time.monotonic()))
+        late[0] = max(late[0], time.monotonic() - due)
         steps, step_s = (1, 0.0) if name in instant else (int(TRAIN_S / STEP_S), STEP_S)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _job(name, bucket, steps, step_s))
         created[name] = time.monotonic()
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(ARRIVAL_THREADS) as pool:
         list(pool.map(create, range(n)))
-    return created, instant
+    return created, instant, late[0]
+
+
+def _pool_config(size: int):
+    from kubernetes import client
+
+    settings = client.Configuration.get_default_copy()
+    settings.connection_pool_maxsize = size
+    return settings
 
 
 def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str = "ours",
-            window_s: float = 60.0, idle_s: float = 20.0) -> dict:
-    from kubernetes import client
-
+            window_s: float = 60.0, idle_s: float = INTERVAL + 5, rate: float = RATE) -> dict:
+    """One size on a fresh namespace. The namespace is left in place (every job in it has
+    finished, so it costs the API server nothing while the next size runs); `run` deletes all of
+    them at the end, so no size waits for the garbage collector of the one before."""
     namespace = f"bench-{re.sub('[^a-z0-9]+', '-', label.lower())}-{n}-{int(time.time()) % 100000}"
     bucket = _prepare(namespace, s3env)
-    operator = _start_operator(namespace, work / f"operator-{label}-{n}.log", s3env["S3_ENDPOINT"], src)
+    metrics_port = _free_port()
+    operator = _start_operator(namespace, work / f"operator-{label}-{n}.log", s3env["S3_ENDPOINT"], src,
+                               metrics_port)
     watcher = Watcher(namespace)
     watcher.start()
-    result: dict = {"n": n, "operator": label, "interval_s": INTERVAL, "loadavg_start": os.getloadavg()[0]}
+    result: dict = {"n": n, "operator": label, "interval_s": INTERVAL, "arrival_per_s": rate,
+                    "namespace": namespace, "loadavg_start": os.getloadavg()[0]}
     try:
         t0 = time.monotonic()
-        created, instant = _create_all(namespace, bucket, n)
-        result["create_s"] = time.monotonic() - t0
+        created, instant, late = _create_all(namespace, bucket, n, rate)
+        result.update(create_s=time.monotonic() - t0, arrival_late_s=round(late, 2))
         training = set(created) - instant
         _wait(lambda: len(watcher.job_seen) >= n, 60 + n * 0.2)
-        _wait(lambda: training <= set(watcher.active), 60 + n * 0.2)
-        result["all_active_s"] = time.monotonic() - t0
+        result["all_jobs_s"] = time.monotonic() - t0
+        result["profile_arrival"] = operator_profile(metrics_port)  # the passes up to every Job
+        # Training means a Ready pod (the operator looks at a starting attempt's pods until then).
+        _wait(lambda: training <= set(watcher.ready), 60 + n * 0.2)
+        result["all_ready_s"] = time.monotonic() - t0
         _wait(lambda: instant <= set(watcher.succeeded), 30)  # their last writes stay out of the window
         result.update(_window(watcher, training, window_s))
         kubectl("annotate", "node", SIM_NODE, "--overwrite", f"podsim.lora.dev/finish-before={time.time():.3f}")
         t1 = time.monotonic()
         _wait(lambda: len(watcher.succeeded) >= n, 120 + n * 0.6, poll=1)  # 0.2/job ran out at 1,000 under load
         result["finish_all_s"] = time.monotonic() - t1
-        time.sleep(INTERVAL + 5)  # a resync and a progress interval: the last status patches land
+        # Idle: every job has its final status; the window spans at least one resync (idle_s >
+        # INTERVAL), which looks at every job and must write nothing.
+        time.sleep(3)
         before = request_counts()
         time.sleep(idle_s)
         result["idle_status_patches"] = status_patches(request_counts()) - status_patches(before)
         result["idle_window_s"] = idle_s
         result["operator_peak_rss_mb"], result["operator_cpu_s"] = proc_figures(operator.pid)
+        result["profile"] = operator_profile(metrics_port)
         result["loadavg_end"] = os.getloadavg()[0]  # the 2 cores are shared: say how busy they were
     finally:
         watcher.stop.set()
@@ -275,19 +344,17 @@ def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str
             operator.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(operator.pid, signal.SIGKILL)
-        client.CoreV1Api().delete_namespace(namespace)
     apply_job = [watcher.job_seen[k] - created[k] for k in created if k in watcher.job_seen]
     apply_done = [watcher.succeeded[k] - created[k] for k in instant if k in watcher.succeeded]
     result.update(jobs_seen=len(apply_job), p50_s=percentile(apply_job, 0.5), p95_s=percentile(apply_job, 0.95),
                   succeeded=len(watcher.succeeded), instant=len(instant),
                   succeeded_p95_s=percentile(apply_done, 0.95))
-    _wait_gone(namespace)
     return result
 
 
 def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
     """API requests while every training job trains (ends early if one finishes)."""
-    all_training = training <= set(watcher.active)
+    all_training = training <= set(watcher.ready)
     before, t0 = request_counts(), time.monotonic()
     while time.monotonic() - t0 < window_s and not (training & set(watcher.finished)):
         time.sleep(0.5)
@@ -303,18 +370,19 @@ def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
             "requests_by_verb_resource": dict(sorted(delta.items(), key=lambda kv: -kv[1]))}
 
 
-def _wait_gone(namespace: str, timeout: float = 300) -> None:
-    """The next N starts on a quiet cluster: wait for the namespace (and its pods) to go."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    def gone() -> bool:
+def controller_manager_qps() -> str:
+    """The running kube-controller-manager's client rate, read from its command line (a cluster
+    started before hack/localcluster.py raised it still runs the stock 20: restart it)."""
+    signature = f"--kubeconfig={LOCAL / 'kube-controller-manager.kubeconfig'}"
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            client.CoreV1Api().read_namespace(namespace)
-            return False
-        except ApiException as exc:
-            return exc.status == 404
-    _wait(gone, timeout, poll=2)
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if signature in argv:
+            flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--kube-api-") and "=" in a)
+            return f"{flags.get('kube-api-qps', '20 (stock)')} burst {flags.get('kube-api-burst', '30 (stock)')}"
+    return "unknown"
 
 
 def baseline_tree(ref: str, work: Path) -> Path:
@@ -334,7 +402,8 @@ def figures(results: list[dict]) -> list[dict]:
         n, target = r["n"], targets.get(r["n"])
         limit = 60.0 / r["interval_s"]
         rows += [
-            {"figure": f"apply->Job p95 s (N={n}, p50 {r['p50_s']:.2f}){who}", "ours": r["p95_s"],
+            {"figure": f"apply->Job p95 s (N={n} at {r['arrival_per_s']:g}/s, p50 {r['p50_s']:.2f}){who}",
+             "ours": r["p95_s"],
              "target": f"< {target}" if target else "-", "met": (r["p95_s"] < target) if target else None},
             {"figure": f"apply->Succeeded p95 s (N={n}, instant){who}", "ours": r["succeeded_p95_s"],
              "target": "-", "met": None},
@@ -358,8 +427,8 @@ def figures(results: list[dict]) -> list[dict]:
 
 
 def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None,
-        baseline_sizes=(1000,), **timing) -> dict:
-    """timing: window_s, idle_s of run_one (the smoke test makes them short)."""
+        baseline_sizes=(500,), **timing) -> dict:
+    """timing: window_s, idle_s, rate of run_one (the smoke test makes them short)."""
     from kubernetes import config
 
     sys.path.insert(0, str(ROOT / "hack"))
@@ -369,6 +438,9 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
     config.load_kube_config(str(KUBECONFIG))
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     s3env = read_s3_env()
+    if not controller_manager_qps().startswith("100 "):
+        print(f"warning: kube-controller-manager at {controller_manager_qps()} requests/s, not the 100 of "
+              "hack/localcluster.py (a cluster started before that change): `localcluster.py down; up`", flush=True)
     sim = start_sim_node(work)
     results = []
     try:
@@ -386,4 +458,18 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         sim.wait(30)
         subprocess.run(["kubectl", "--kubeconfig", str(KUBECONFIG), "delete", "node", SIM_NODE, "--wait=false"],
                        capture_output=True, check=False)
-    return {"raw": results, "figures": figures(results)}
+        # The sizes' namespaces go now, in the background (nothing is measured any more).
+        spaces = [r["namespace"] for r in results]
+        if spaces:
+            subprocess.run(["kubectl", "--kubeconfig", str(KUBECONFIG), "delete", "namespace", *spaces,
+                            "--wait=false"], capture_output=True, check=False)
+    settings = {"sizes": list(sizes), "baseline_ref": baseline_ref,
+                "baseline_sizes": list(baseline_sizes) if baseline_ref else [],
+                "arrival_per_s": timing.get("rate", RATE), "arrival_threads": ARRIVAL_THREADS,
+                "resync_and_progress_interval_s": INTERVAL, "progress_write_every_s": STEP_S,
+                "kube_controller_manager_qps": controller_manager_qps(),
+                "apply": "the create's answer (client clock); Job seen by a watch",
+                "window": "opens once every training job's Job counts a Ready pod",
+                "namespaces": "kept until the series ends, then deleted in the background"}
+    return {"settings": {**settings, **{k: v for k, v in timing.items() if k != "rate"}},
+            "raw": results, "figures": figures(results)}

@@ -69,10 +69,14 @@ def main() -> int:
                         help="operator N = 50 only; TRL comparison on 96 examples, one pair of runs")
     parser.add_argument("--sizes", default="50,500,1000,2000", help="operator N series (comma list)")
     parser.add_argument("--baseline-ref", help="also run this git ref's operator (before/after, same run)")
-    parser.add_argument("--baseline-sizes", default="1000", help="N series for --baseline-ref")
+    parser.add_argument("--baseline-sizes", default="500",
+                        help="N series for --baseline-ref (d361065 finishes 500 jobs in minutes)")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="operator: seconds of API traffic counted while jobs train")
-    parser.add_argument("--idle-s", type=float, default=20.0, help="operator: idle window (0 status PATCHes)")
+    parser.add_argument("--idle-s", type=float, default=35.0,
+                        help="operator: idle window (0 status PATCHes); above the 30 s resync interval")
+    parser.add_argument("--rate", type=float, default=operator_bench.RATE,
+                        help="operator: LoRATrainingJobs sent per second (fixed arrival)")
     parser.add_argument("--trl-rounds", type=int, default=3,
                         help="pairs of runs (ours, TRL) in the TRL comparison; medians are reported")
     parser.add_argument("--only", choices=["trainer", "trl", "upload", "operator"])
@@ -90,7 +94,7 @@ def main() -> int:
         "upload": lambda: upload_bench.run(work / "upload"),
         "operator": lambda: operator_bench.run(
             work / "operator", (50,) if args.quick else _sizes(args.sizes), args.baseline_ref,
-            _sizes(args.baseline_sizes), window_s=args.window_s, idle_s=args.idle_s),
+            _sizes(args.baseline_sizes), window_s=args.window_s, idle_s=args.idle_s, rate=args.rate),
     }
     rows = []
     for name, fn in suites.items():

@@ -100,7 +100,7 @@ from dataclasses import dataclass, field
 DEFAULT_IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
 
 RBAC_RULES: tuple[dict, ...] = (
-    {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/status"], "verbs": ["get", "patch"]},
     # blockOwnerDeletion on children needs this where OwnerReferencesPermissionEnforcement is on
     {"apiGroups": ["training.lora.dev"], "resources": ["loratrainingjobs/finalizers"], "verbs": ["update"]},

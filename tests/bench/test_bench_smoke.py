@@ -61,6 +61,9 @@ def test_operator_bench_runs_jobs_to_succeeded_on_simulated_pods_and_counts_api_
     raw = result["raw"][0]
     assert raw["jobs_seen"] == 6 and raw["succeeded"] == 6, raw
     assert raw["window_all_training"] and raw["training_jobs"] == 1
+    assert raw["arrival_per_s"] == operator_bench.RATE and raw["create_s"] >= 5 / operator_bench.RATE
+    # where the operator's time went, from its own /metrics: every job's first pass in the urgent lane
+    assert raw["profile"]["wait_urgent"]["count"] == 6 and raw["profile"]["pass"]["count"] >= 6, raw["profile"]
     # The operator may make no request at all in a 4 s window (it reads progress every 30 s and
     # GETs nothing per pass): check the counting itself on a request we make.
     assert raw["requests_per_job_min"] >= 0 and raw["operator_peak_rss_mb"] > 0

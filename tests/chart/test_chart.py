@@ -145,6 +145,9 @@ def test_should_never_grant_wildcards_secret_listing_crd_writes_or_pod_creation(
     assert {v for _, r, v in granted if r == "secrets"} <= {"get"}
     assert not {v for _, r, v in granted if r == "customresourcedefinitions"} - {"list", "watch"}
     assert not {v for _, r, v in granted if r == "pods"} - {"get", "list", "watch"}
+    # jobs' status is the operator's to write, the jobs themselves are not (kopf keeps no state on them)
+    assert {v for _, r, v in granted if r == "loratrainingjobs"} == {"get", "list", "watch"}
+    assert ("training.lora.dev", "loratrainingjobs/status", "patch") in granted
     assert not {v for _, _, v in granted} & DANGEROUS_VERBS
     assert not {r for g, r, _ in granted if g == "rbac.authorization.k8s.io"}
     for binding in of_kind(docs, "ClusterRoleBinding") + of_kind(docs, "RoleBinding"):

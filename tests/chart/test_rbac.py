@@ -98,6 +98,7 @@ def test_should_let_the_cluster_wide_operator_do_its_work_and_nothing_more(clust
     denied = [
         ("create", "pods", anywhere, ""), ("delete", "jobs.batch", anywhere, ""),
         ("delete", LTJ, anywhere, ""), ("update", LTJ, anywhere, "status"),
+        ("patch", LTJ, anywhere, ""),  # only the status is the operator's to write
         ("get", "secrets", anywhere, ""), ("get", "secrets", "kube-system", ""), ("get", "secrets", namespace, ""),
         ("delete", "networkpolicies.networking.k8s.io", anywhere, ""),
         ("list", "secrets", anywhere, ""),
@@ -132,6 +133,7 @@ def test_should_confine_the_namespaced_operator_to_its_watched_namespaces(cluste
         ("create", "jobs.batch", namespace, ""), ("get", "secrets", namespace, ""),
         ("watch", "jobs.batch", None, ""), ("list", "namespaces", None, ""), ("create", "pods", watched, ""),
         ("list", "secrets", watched, ""), ("update", "configmaps", other, ""), ("patch", LAC, other, "status"),
+        ("patch", LTJ, watched, ""),
         *[(verb, resource, None, "") for verb, resource in ALWAYS_DENIED],
     ]
     _expect(release, allowed, denied)

@@ -7,6 +7,7 @@ import pytest
 from lora_operator.config import OperatorConfig, Policy
 from lora_operator.status import (
     JobView,
+    attempt_started,
     check_kueue,
     check_policy,
     check_quota,
@@ -195,6 +196,16 @@ def test_should_emit_events_only_for_transitions():
     assert [(e.type, e.reason) for e in events] == [("Normal", c.GATE_PASSED)]
     warn = transition_events([], [c.condition(c.ADMITTED, "False", c.QUOTA_EXCEEDED, "full")])
     assert [(e.type, e.reason) for e in warn] == [("Warning", c.QUOTA_EXCEEDED)]
+
+
+def test_should_tell_each_attempt_recorded_for_the_first_time_once_and_not_repeat_it_as_job_created():
+    admitted = transition_events([], [c.condition(c.ADMITTED, "True", c.JOB_CREATED)])
+    first = attempt_started([], [{"index": 1, "jobName": "demo-a1"}], admitted)
+    assert [(e.reason, e.message) for e in first] == [("AttemptStarted", "Job demo-a1 (attempt 1)")]
+    retried = attempt_started([{"index": 1, "outcome": "Failed"}],
+                              [{"index": 1, "outcome": "Failed"}, {"index": 2, "jobName": "demo-a2"}], [])
+    assert [e.message for e in retried] == ["Job demo-a2 (attempt 2)"]
+    assert attempt_started([{"index": 1}], [{"index": 1}], admitted) == admitted, "nothing started: unchanged"
 
 
 def test_should_read_the_config_from_env_and_refuse_bad_values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 
@@ -98,6 +99,53 @@ def test_should_create_the_children_once_and_not_patch_an_unchanged_status(world
     assert sorted(kube.objects) == [("ConfigMap", "demo-config"), ("Job", "demo-a1"), ("NetworkPolicy", "demo-network")]
     assert len(kube.status_patches) == patches, "nothing changed, so nothing should be patched"
     assert kube.ltj["status"]["phase"] == "Pending"
+
+
+def test_should_create_config_and_network_policy_side_by_side_before_the_job_and_tell_the_start_once(world):
+    kube, _, make = world
+    both_in_flight = threading.Barrier(2, timeout=5)  # broken (the pass fails) if made one after the other
+    order, create = [], kube.create
+
+    def create_when_both_are_in_flight(manifest):
+        if manifest["kind"] != "Job":
+            both_in_flight.wait()
+        order.append(manifest["kind"])
+        return create(manifest)
+    kube.create = create_when_both_are_in_flight
+    make().reconcile("ns", "demo")
+    assert sorted(order[:2]) == ["ConfigMap", "NetworkPolicy"] and order[2:] == ["Job"]
+    told = [(reason, message) for _, reason, message in kube.events if reason in ("AttemptStarted", "JobCreated")]
+    assert told == [("AttemptStarted", "Job demo-a1 (attempt 1)")], "one Event for the start, naming the Job"
+
+
+def test_should_leave_a_starts_status_write_to_a_later_pass_with_the_same_body_when_asked(world):
+    kube, _, make = world
+    later = []
+    reconciler = make()
+    reconciler.later = lambda namespace, name, body: later.append((namespace, name, body))
+    body = copy.deepcopy(kube.ltj)
+    reconciler.reconcile("ns", "demo", body)
+    assert ("Job", "demo-a1") in kube.objects and kube.status_patches == [] and kube.events == []
+    assert [(ns, name) for ns, name, _ in later] == [("ns", "demo")]
+    reconciler.reconcile("ns", "demo", later[0][2])  # the queued pass
+    assert kube.gets == 0, "the start wrote nothing, so its body is current"
+    assert len(kube.status_patches) == 1 and kube.ltj["status"]["attempts"][0]["jobName"] == "demo-a1"
+    assert [r for _, r, _ in kube.events if r in ("AttemptStarted", "JobCreated")] == ["AttemptStarted"]
+    assert len(later) == 1, "the queued pass starts nothing and queues nothing"
+
+
+def test_should_create_no_job_when_its_network_policy_cannot_be_made(world):
+    kube, _, make = world
+    create = kube.create
+
+    def refuse_network_policies(manifest):
+        if manifest["kind"] == "NetworkPolicy":
+            raise RuntimeError("admission webhook denied the request")
+        return create(manifest)
+    kube.create = refuse_network_policies
+    with pytest.raises(RuntimeError, match="webhook"):
+        make().reconcile("ns", "demo")
+    assert ("Job", "demo-a1") not in kube.objects, "its pods would run unfenced"
 
 
 def test_should_read_progress_with_the_jobs_secret_and_keep_it_out_of_status_and_events(world):

@@ -39,6 +39,44 @@ def test_should_run_a_key_changed_during_its_pass_once_more_afterwards_never_twi
     assert queue.get(stop) == "k"
 
 
+def test_should_hand_out_urgent_keys_first_and_move_a_waiting_key_up_once():
+    waits, stop = [], threading.Event()
+    queue = WorkQueue(on_wait=lambda lane, s: waits.append(lane))
+    for key in ("upkeep-1", "upkeep-2", "moved"):
+        queue.add(key)
+    queue.add("new", urgent=True)
+    queue.add("moved", urgent=True)  # e.g. a spec change while its resync pass waits
+    queue.add("moved")  # and a Job change after that: still urgent, still once
+    assert len(queue) == 4
+    got = [queue.get(stop, poll=0.01) for _ in range(4)]
+    assert got == ["new", "moved", "upkeep-1", "upkeep-2"]
+    assert waits == ["urgent", "urgent", "normal", "normal"]
+    stop.set()
+    assert queue.get(stop, poll=0.01) is None, "the moved key's old place is not a second pass"
+
+
+def test_should_hand_out_a_waiting_normal_key_after_a_run_of_urgent_ones():
+    from lora_operator.handlers.workqueue import URGENT_RUN
+
+    queue, stop = WorkQueue(), threading.Event()
+    queue.add("upkeep")
+    for i in range(2 * URGENT_RUN):
+        queue.add(f"new-{i}", urgent=True)
+    got = [queue.get(stop, poll=0.01) for _ in range(URGENT_RUN + 2)]
+    assert got[URGENT_RUN] == "upkeep", "a burst of new jobs does not starve the status upkeep"
+    assert got[:URGENT_RUN] == [f"new-{i}" for i in range(URGENT_RUN)] and got[-1] == f"new-{URGENT_RUN}"
+
+
+def test_should_keep_an_urgent_change_urgent_when_it_arrives_during_the_keys_pass():
+    queue, stop = WorkQueue(), threading.Event()
+    queue.add("k")
+    key = queue.get(stop)
+    queue.add("k", urgent=True)
+    queue.add("other")
+    queue.done(key)
+    assert queue.get(stop) == "k"
+
+
 def test_workers_drain_the_queue_and_survive_a_failing_pass():
     queue, stop, seen, done = WorkQueue(), threading.Event(), [], threading.Event()
 
@@ -171,6 +209,17 @@ def test_should_queue_a_pass_for_a_new_job_or_a_new_generation_with_its_body_and
     runtime.on_job_event("DELETED", _ltj("a", 10, generation=3))
     runtime.on_job_event("ADDED", _ltj("a", 11, uid="u2"))  # a new job of the same name
     assert passes.forgotten == ["ns/a"] and len(runtime.queue) == 1
+
+
+def test_should_queue_a_new_job_ahead_of_the_upkeep_of_started_ones():
+    from lora_operator.config import OperatorConfig
+    from lora_operator.handlers.runtime import Runtime
+
+    runtime = Runtime(OperatorConfig(), kube=object())
+    runtime.reconcile_owner_of({"metadata": {"namespace": "ns", "ownerReferences": [
+        {"kind": "LoRATrainingJob", "name": "started"}]}})  # its Job changed
+    runtime.on_job_event("ADDED", _ltj("new", 5))
+    assert runtime.queue.get(threading.Event()) == ("ns", "new")
 
 
 def test_should_run_a_failed_pass_again_after_the_retry_delay(monkeypatch):

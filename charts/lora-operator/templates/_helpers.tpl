@@ -91,9 +91,11 @@ lora_operator.config.RBAC_RULES (tests/chart/test_chart.py keeps the two equal):
   authenticated user may read.
 */}}
 {{- define "lora-operator.namespacedRules" -}}
+{{- /* no patch of the jobs themselves: only their status is written (kopf keeps no state on them:
+jobs reach the operator through an event handler, handlers/kopf_handlers.py) */}}
 - apiGroups: ["training.lora.dev"]
   resources: ["loratrainingjobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["training.lora.dev"]
   resources: ["loratrainingjobs/status"]
   verbs: ["get", "patch"]

@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..api import KIND, LoRATrainingJobSpec, SpecError, check_name, parse_spec
@@ -52,6 +53,7 @@ from ..status import (
     WorkloadView,
     accept_report,
     attempt_events,
+    attempt_started,
     check_kueue,
     check_policy,
     check_quota,
@@ -114,13 +116,20 @@ class _Read:
 
 class Reconciler:
     def __init__(self, config: OperatorConfig, kube: KubeClient, storage: ProgressStore, metrics: Metrics,
-                 clock: Callable[[], str] = now_rfc3339):
+                 clock: Callable[[], str] = now_rfc3339,
+                 later: Callable[[str, str, Mapping[str, Any]], None] | None = None):
+        """later(namespace, name, body): when given, a pass that started an attempt leaves its
+        status write to a pass it queues this way (the runtime's normal lane), so that while new
+        jobs arrive their starts come first; without it the pass writes at once."""
         self.config, self.kube, self.storage, self.metrics, self.clock = config, kube, storage, metrics, clock
+        self.later = later
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._progress: dict[str, _Read] = {}
         self._starts = StartLedger()  # the namespace running limit under parallel passes
         self._written: dict[str, int] = {}  # key -> resourceVersion of our last status write
+        # A start's children other than the Job are created side by side (workers x 2 at most).
+        self._side = ThreadPoolExecutor(max_workers=2 * config.workers, thread_name_prefix="lora-children")
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -183,24 +192,29 @@ class Reconciler:
         if decision.workload_active is not None and workload is not None:
             workload = self._set_workload_active(owner, workload, decision.workload_active)
         blocked: Blocked | None = None
-        started = False
+        started: JobView | None = None
         if decision.start_attempt:
             limited = self.config.policy.max_running_jobs_per_namespace > 0
             with self._starts.lock(owner.namespace) if limited else nullcontext():  # count, then create
                 blocked = self._previous_pods_gone(owner, jobs) or self._admission(owner, spec, queue)
                 if blocked is None:
                     try:
-                        jobs.append(self._start(body, owner, spec, queue, decision.start_attempt))
-                        started = True
+                        started = self._start(body, owner, spec, queue, decision.start_attempt)
+                        jobs.append(started)
                     except NameTaken as taken:
                         blocked = Blocked(conditions.NAME_CONFLICT, str(taken))
                 if started and limited:
-                    self._starts.started(owner.namespace, jobs[-1].name, selector_labels(owner.name)[LABEL_JOB])
-        # A Job created this pass has written nothing yet: read on the next pass, not now.
-        progress = None if started else self._read_progress(body, owner, spec, jobs)
-        return self._write(body, Observed(
-            generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries, queue_name=queue,
-            jobs=tuple(jobs), blocked=blocked, progress=progress, workload=workload))
+                    self._starts.started(owner.namespace, started.name, selector_labels(owner.name)[LABEL_JOB])
+        observed = Observed(generation, now, prev, suspend=spec.suspend, max_retries=spec.max_retries,
+                            queue_name=queue, jobs=tuple(jobs), blocked=blocked, workload=workload)
+        if started:
+            # A Job created this pass has written nothing yet: no progress read until the interval.
+            self._progress[f"{owner.namespace}/{owner.name}"] = _Read(owner.uid, time.monotonic(), None)
+            if self.later is not None:  # the status write waits behind the next new job's start
+                self.later(owner.namespace, owner.name, body)
+                return derive_status(observed)
+            return self._write(body, observed)
+        return self._write(body, replace(observed, progress=self._read_progress(body, owner, spec, jobs)))
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[LoRATrainingJobSpec | None, tuple[str, str] | None]:
         try:
@@ -278,12 +292,14 @@ class Reconciler:
     def _start(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                queue: str | None, attempt: int) -> JobView:
         image, endpoint = resolve_image(spec, self.config), self.config.s3_endpoint
-        self._create(owner, build_configmap(owner, spec, image=image, endpoint=endpoint,
-                                            champion=self._champion(owner, spec)))
-        if self.config.network_policy:  # before the Job: its pods never run unfenced
-            self._create(owner, build_network_policy(owner, egress_ports(spec, self.config)))
+        first = [build_configmap(owner, spec, image=image, endpoint=endpoint, champion=self._champion(owner, spec))]
+        if self.config.network_policy:
+            first.append(build_network_policy(owner, egress_ports(spec, self.config)))
         if spec.resources.nodes > 1:
-            self._create(owner, build_service(owner))
+            first.append(build_service(owner))
+        # All of them exist before the Job does (its pods never run unfenced, and find their
+        # ConfigMap and Service); they do not depend on each other, so one round trip for all.
+        self._create_all(owner, first)
         params = JobParams(attempt=attempt, image=image, trainer_command=self.config.trainer_command,
                            endpoint=endpoint, queue_name=queue,
                            termination_grace_seconds=self.config.termination_grace_seconds,
@@ -292,11 +308,20 @@ class Reconciler:
                            collective_timeout_seconds=self.config.collective_timeout_seconds)
         job = self._create(owner, build_job(owner, spec, params))
         log.info("attempt %d of %s/%s: Job %s", attempt, owner.namespace, owner.name, job["metadata"]["name"])
-        self.kube.emit_event(body, "Normal", "AttemptStarted", f"Job {job['metadata']['name']} (attempt {attempt})")
         if attempt == 1:
             self.metrics.observe_between(self.metrics.job_created, body["metadata"].get("creationTimestamp"),
                                          job["metadata"].get("creationTimestamp"))
         return job_view(job)
+
+    def _create_all(self, owner: Owner, manifests: list[Mapping[str, Any]]) -> None:
+        """Create side by side; returns when all exist, raises the first failure (after all ended)."""
+        if len(manifests) == 1:
+            self._create(owner, manifests[0])
+            return
+        futures = [self._side.submit(self._create, owner, m) for m in manifests]
+        wait(futures)
+        for future in futures:
+            future.result()
 
     def _create(self, owner: Owner, manifest: Mapping[str, Any]) -> dict[str, Any]:
         obj = self.kube.create(manifest)
@@ -357,8 +382,9 @@ class Reconciler:
             if resource_version(written) >= 0:
                 with self._guard:
                     self._written[f"{meta['namespace']}/{meta['name']}"] = resource_version(written)
-        for event in [*attempt_events(prev.get("attempts"), status["attempts"]),
-                      *transition_events(prev.get("conditions"), status["conditions"])]:
+        events = attempt_started(prev.get("attempts"), status["attempts"],
+                                 transition_events(prev.get("conditions"), status["conditions"]))
+        for event in [*attempt_events(prev.get("attempts"), status["attempts"]), *events]:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], event.reason, event.message)
             self.kube.emit_event(body, event.type, event.reason, event.message)
         self._observe(meta, prev, status)

@@ -6,6 +6,12 @@ job at start-up, or a spec change: a new generation), changes of child Jobs (the
 clients/informer.py), the resync timer, and a failed pass (again after RETRY_S). The event's or
 the resync's body of the job goes with its key, so the pass needs no GET (see reconcile.py for
 when it GETs anyway).
+
+The event handler's passes go in the queue's urgent lane (someone waits for the Job), the rest in
+the normal lane (workqueue.py); a pass that started an attempt queues its status write as a
+normal pass (Reconciler.later). While a thousand new jobs arrive, the API server's time goes to
+their ConfigMaps, NetworkPolicies and Jobs first; their status writes (and the Events with them)
+mostly follow.
 """
 
 from __future__ import annotations
@@ -39,15 +45,15 @@ class Runtime:
     def __init__(self, config: OperatorConfig, namespaces: Iterable[str] = (), kube: KubeClient | None = None):
         self.config = config
         self.namespaces = tuple(namespaces)
-        # One pooled connection per thread that may call the API at once (+ the informers, the
-        # resync and the event posters).
+        # One pooled connection per thread that may call the API at once: kopf's, the workers and
+        # their side creates (reconcile.py: two each), the informers, the resync, the event posters.
         self.kube = kube or KubeClient(timeout=config.request_timeout,
-                                       pool_size=HANDLER_THREADS + config.workers + 8)
+                                       pool_size=HANDLER_THREADS + 3 * config.workers + 8)
         self.metrics = Metrics()
         store = ProgressStore()
-        self.reconciler = Reconciler(config, self.kube, store, self.metrics)
+        self.reconciler = Reconciler(config, self.kube, store, self.metrics, later=self._later)
         self.channels = ChannelReconciler(config, self.kube, store)
-        self.queue = WorkQueue()
+        self.queue = WorkQueue(on_wait=lambda lane, s: self.metrics.queue_wait.labels(lane=lane).observe(s))
         self._held: dict[tuple[str, str], dict[str, Any]] = {}  # bodies for queued passes (no GET)
         self._seen: dict[tuple[str, str], tuple[str, Any]] = {}  # key -> (uid, generation) queued
         self._retry: dict[tuple[str, str], float] = {}  # key -> when a failed pass runs again
@@ -79,7 +85,8 @@ class Runtime:
         with self._lock:
             held = self._held.pop(key, None)
         try:
-            self.reconcile(*key, held)
+            with self.metrics.pass_time.time():
+                self.reconcile(*key, held)
         except Exception:
             with self._lock:
                 self._retry[key] = time.monotonic() + RETRY_S
@@ -93,6 +100,13 @@ class Runtime:
         if held is None or resource_version(body) >= resource_version(held):
             self._held[key] = body
         return key
+
+    def _later(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A pass for this job in the normal lane, with the body its start pass used (it wrote no
+        status, so the body is current): the start pass's status write, after new jobs' starts."""
+        with self._lock:
+            self._hold(body)
+        self.enqueue(namespace, name)
 
     def on_job_event(self, kind: str | None, body: Mapping[str, Any]) -> None:
         """A watch event of a LoRATrainingJob (kind None: kopf's initial listing). Queues a pass
@@ -113,7 +127,7 @@ class Runtime:
                 return
             self._seen[key] = seen
             self._hold(body)
-        self.enqueue(*key)
+        self.queue.add(key, urgent=True)  # someone waits for its Job (workqueue.py: lanes)
 
     def reconcile_channel(self, namespace: str, name: str) -> None:
         try:

@@ -15,6 +15,7 @@ from prometheus_client import (
 
 from ..api import PHASES
 
+_SHORT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds of one pass or queue wait
 _BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
@@ -36,6 +37,10 @@ class Metrics:
         self.reconcile_errors = Counter("lora_operator_reconcile_errors_total",
                                         "Reconcile passes that raised", ["kind"], registry=r)
         self.reconciles = Counter("lora_operator_reconciles_total", "Reconcile passes", registry=r)
+        self.queue_wait = Histogram("lora_operator_queue_wait_seconds",
+                                    "Time a queued pass waited for a worker", ["lane"], buckets=_SHORT, registry=r)
+        self.pass_time = Histogram("lora_operator_reconcile_seconds", "Duration of one reconcile pass",
+                                   buckets=_SHORT, registry=r)
         self.job_created = Histogram("lora_operator_apply_to_job_created_seconds",
                                      "LoRATrainingJob creation to its first Job", buckets=_BUCKETS, registry=r)
         self.queue_time = Histogram("lora_operator_time_in_queue_seconds",

@@ -2,7 +2,7 @@
 
 from . import conditions
 from .derive import OWNED_FIELDS, derive_status, is_terminal, phase_of
-from .events import Event, attempt_events, transition_events
+from .events import Event, attempt_events, attempt_started, transition_events
 from .jobs import job_view, live_pods
 from .observed import Blocked, Failure, JobView, Observed
 from .plan import Plan, plan, running_elsewhere
@@ -22,7 +22,8 @@ from .policy import (
 from .progress import accept_report
 
 __all__ = [
-    "OWNED_FIELDS", "accept_report", "allowed_endpoints", "attempt_events", "is_own_endpoint", "job_endpoint", "live_pods",
+    "OWNED_FIELDS", "accept_report", "allowed_endpoints", "attempt_events", "attempt_started", "is_own_endpoint",
+    "job_endpoint", "live_pods",
     "egress_ports", "Blocked", "Event", "Failure", "JobView", "Observed", "Plan", "check_kueue",
     "check_policy", "check_quota", "check_running_limit", "conditions", "derive_status", "is_terminal",
     "job_view", "phase_of", "plan", "resolve_image", "resolve_queue", "running_elsewhere",

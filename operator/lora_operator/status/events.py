@@ -50,3 +50,17 @@ def attempt_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, 
     failed_before = {a.get("index") for a in old or () if a.get("outcome") == "Failed"}
     return [Event("Warning", "AttemptFailed", describe_failure(a)[:1024])
             for a in new or () if a.get("outcome") == "Failed" and a.get("index") not in failed_before]
+
+
+
+def attempt_started(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]],
+                    transitions: list[Event]) -> list[Event]:
+    """The Events of a status write, with one AttemptStarted (naming the Job) per attempt that
+    status.attempts records for the first time, in place of the first attempt's Admitted=True
+    JobCreated, which says the same with less (one Event per job less while a thousand start)."""
+    before = {a.get("index") for a in old or ()}
+    started = [Event("Normal", "AttemptStarted", f"Job {a.get('jobName')} (attempt {a.get('index')})")
+               for a in new or () if a.get("index") not in before]
+    if not started:
+        return transitions
+    return [*started, *(e for e in transitions if e.reason != c.JOB_CREATED)]
