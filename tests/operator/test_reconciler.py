@@ -83,7 +83,7 @@ def world(make_spec_dict):
     kube, storage = FakeKube(ltj), FakeStorage()
 
     def reconciler(**config):
-        cfg = OperatorConfig(s3_endpoint="http://s3:8333", progress_interval=0, **config)
+        cfg = OperatorConfig(**{"s3_endpoint": "http://s3:8333", "progress_interval": 0, **config})
         return Reconciler(cfg, kube, storage, Metrics(), clock=lambda: "2025-01-01T00:00:05Z")
     return kube, storage, reconciler
 
@@ -204,6 +204,26 @@ def _run(kube, reconciler, active=1):
     kube.objects[("Job", "demo-a1")]["status"] = {"active": active, "ready": active,
                                                   "startTime": "2025-01-01T00:00:02Z"}
     reconciler.reconcile("ns", "demo")
+
+
+def test_should_read_progress_on_every_resync_even_when_the_pass_comes_a_little_early(world, monkeypatch):
+    """A resync pass (every interval) that the queue delivers a few seconds early still reads; a
+    pass well inside the interval (a Job event) does not."""
+    from lora_operator.handlers import reconcile as rec
+
+    kube, storage, make = world
+    storage.progress = {"jobUid": "u-1", "state": "Training", "step": 3, "totalSteps": 10}
+    now = [1000.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: now[0])
+    reconciler = make(progress_interval=30)
+    reconciler.reconcile("ns", "demo")  # the start: no read for one interval
+    kube.objects[("Job", "demo-a1")]["status"] = {"active": 1, "startTime": "2025-01-01T00:00:02Z"}
+    reads = []
+    for at in (1028.0, 1040.0, 1055.0, 1083.0):  # resyncs 2 s early / a Job event / 2 s early again
+        now[0] = at
+        reconciler.reconcile("ns", "demo")
+        reads.append(len(storage.reads))
+    assert reads == [1, 1, 2, 3], "one read per resync, none for the pass 12 s after a read"
 
 
 def test_should_drop_invalid_progress_fields_report_them_once_and_still_write_status(world):
