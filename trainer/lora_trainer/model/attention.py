@@ -35,36 +35,42 @@ def _plain(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _usable(module, query, key, segments, kwargs) -> bool:
+def _tilings(module, query, key, segments, kwargs) -> list[list[int]] | None:
+    """Per row, the lengths of its examples and padding tail (`_pieces`) when per-example causal
+    attention is this call's attention; None where the masked path must run."""
     if segments is None or len(segments) != query.shape[0] or kwargs.get("softcap") is not None:
-        return False
+        return None
     if key.shape[2] != query.shape[2]:  # a cache: keys longer than the queries
-        return False
+        return None
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
-        return False
+        return None
     if kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
-        return False
+        return None
     longest = max((e - s for row in segments for s, e in row), default=0)
     window = kwargs.get("sliding_window")
     if window is not None and longest > window:
-        return False
+        return None
+    if any(len(row) > MAX_SEGMENTS for row in segments):
+        return None
     t = query.shape[2]  # the examples must tile each row from 0 (then padding): what packing makes
-    return all(len(row) <= MAX_SEGMENTS and _pieces(row, t) is not None for row in segments)
+    tilings = [_pieces(row, t) for row in segments]
+    return None if any(sizes is None for sizes in tilings) else tilings
 
 
 def packed_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask, dropout: float = 0.0, scaling=None, packed_segments: Segments = None,
                         **kwargs):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), as transformers' sdpa."""
-    if not _usable(module, query, key, packed_segments, kwargs):
+    tilings = _tilings(module, query, key, packed_segments, kwargs)
+    if tilings is None:
         return _plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    t = query.shape[2]
     by_row = zip(*(x.split(1, dim=0) for x in (query, key, value)))
-    rows = [_row(q, k, v, row, t, dropout, scaling) for (q, k, v), row in zip(by_row, packed_segments)]
+    rows = [_row(q, k, v, sizes, len(row), dropout, scaling)
+            for (q, k, v), sizes, row in zip(by_row, tilings, packed_segments)]
     return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]).transpose(1, 2).contiguous(), None
 
 
@@ -79,17 +85,17 @@ def _pieces(row, t: int) -> list[int] | None:
     return sizes + [t - at] if at < t else sizes
 
 
-def _row(q, k, v, row, t: int, dropout: float, scaling):
-    """Attention of one row (1, H, T, D): causal sdpa per example, zeros on the padding tail.
+def _row(q, k, v, sizes: list[int], examples: int, dropout: float, scaling):
+    """Attention of one row (1, H, T, D) cut into `sizes`: causal sdpa on each of the first
+    `examples` pieces, zeros on the padding tail (the piece after them, if any).
 
-    The examples are taken with `split`, whose backward is one concatenation of the gradients
+    The pieces are taken with `split`, whose backward is one concatenation of the gradients
     (a slice's backward would write each into a zero tensor of the whole row)."""
-    qs, ks, vs = (x.split(_pieces(row, t), dim=2) for x in (q, k, v))
+    qs, ks, vs = (x.split(sizes, dim=2) for x in (q, k, v))
     parts = [F.scaled_dot_product_attention(qs[j], ks[j], vs[j], dropout_p=dropout, scale=scaling, is_causal=True)
-             for j in range(len(row))]
-    end = row[-1][1] if row else 0
-    if end < t:  # the padding tail: zeros (no example attends to it, no label reads it)
-        parts.append(q.new_zeros((1, q.shape[1], t - end, v.shape[-1])))
+             for j in range(examples)]
+    if len(sizes) > examples:  # the padding tail: zeros (no example attends to it, no label reads it)
+        parts.append(q.new_zeros((1, q.shape[1], sizes[-1], v.shape[-1])))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
