@@ -92,14 +92,13 @@ class Runtime:
                 self._retry[key] = time.monotonic() + RETRY_S
             raise
 
-    def _hold(self, body: Mapping[str, Any]) -> tuple[str, str]:
+    def _hold(self, body: Mapping[str, Any]) -> None:
         """Keep the newest body of a job for its next pass. Caller holds self._lock."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         held = self._held.get(key)
         if held is None or resource_version(body) >= resource_version(held):
             self._held[key] = body
-        return key
 
     def _later(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
         """A pass for this job in the normal lane, with the body its start pass used (it wrote no
