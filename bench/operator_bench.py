@@ -76,6 +76,14 @@ def request_counts() -> Counter:
     return counts
 
 
+def per_job(before: Counter, after: Counter, n: int, top: int = 15) -> dict[str, float]:
+    """API requests (all clients) between two readings per job, by verb/resource/subresource,
+    the `top` most frequent, and their total."""
+    delta = {"/".join(filter(None, k)): (after[k] - before[k]) / max(1, n) for k in after if after[k] > before[k]}
+    rows = sorted(delta.items(), key=lambda kv: -kv[1])
+    return {"total": round(sum(delta.values()), 2), **{k: round(v, 2) for k, v in rows[:top]}}
+
+
 def status_patches(counts: Counter) -> float:
     return counts[("PATCH", PLURAL, "status")]
 
@@ -93,6 +101,31 @@ def proc_figures(pid: int) -> tuple[float, float]:
                 if line.startswith("VmHWM:")), float("nan"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def component_cpu(extra: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far (utime + stime, all threads) of each local-stack component its pid file
+    names (.local/pids: kube-apiserver, etcd, kube-controller-manager, ...) and of `extra`
+    (name -> pid); a process gone or unreadable is left out."""
+    pids = dict(extra)
+    for record in sorted((LOCAL / "pids").glob("*.pid")):
+        try:
+            pids.setdefault(record.stem, int(json.loads(record.read_text())["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = proc_figures(pid)[1]
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process spent between two component_cpu readings, busiest first."""
+    spent = {k: round(after[k] - before[k], 1) for k in after if k in before}
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
 def _job(name: str, bucket: str, steps: int, step_s: float) -> dict:
@@ -297,7 +330,7 @@ def _pool_config(size: int):
 
 
 def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str = "ours",
-            window_s: float = 60.0, idle_s: float = INTERVAL + 5, rate: float = RATE) -> dict:
+            window_s: float = 60.0, idle_s: float = INTERVAL + 5, rate: float = RATE, sim_pid: int = 0) -> dict:
     """One size on a fresh namespace. The namespace is left in place (every job in it has
     finished, so it costs the API server nothing while the next size runs); `run` deletes all of
     them at the end, so no size waits for the garbage collector of the one before."""
@@ -310,13 +343,18 @@ def run_one(n: int, work: Path, s3env: dict, src: Path | None = None, label: str
     watcher.start()
     result: dict = {"n": n, "operator": label, "interval_s": INTERVAL, "arrival_per_s": rate,
                     "namespace": namespace, "loadavg_start": os.getloadavg()[0]}
+    processes = {"operator": operator.pid, "bench": os.getpid(), **({"sim-node": sim_pid} if sim_pid else {})}
     try:
-        t0 = time.monotonic()
+        requests0, cpu0, t0 = request_counts(), component_cpu(processes), time.monotonic()
         created, instant, late = _create_all(namespace, bucket, n, rate)
         result.update(create_s=time.monotonic() - t0, arrival_late_s=round(late, 2))
         training = set(created) - instant
         _wait(lambda: len(watcher.job_seen) >= n, 60 + n * 0.2)
         result["all_jobs_s"] = time.monotonic() - t0
+        # Who spent the 2 cores from the first apply to the last Job (the operator's share is
+        # what it can change; the API server's and etcd's grow with its requests).
+        result["cpu_arrival_s"] = cpu_between(cpu0, component_cpu(processes))
+        result["requests_arrival_per_job"] = per_job(requests0, request_counts(), n)
         result["profile_arrival"] = operator_profile(metrics_port)  # the passes up to every Job
         # Training means a Ready pod (the operator looks at a starting attempt's pods until then).
         _wait(lambda: training <= set(watcher.ready), 60 + n * 0.2)
@@ -368,6 +406,27 @@ def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
             "requests_per_job_min": round(sum(delta.values()), 3),
             "list_jobs_per_job_min": delta.get("LIST/jobs", 0.0),
             "requests_by_verb_resource": dict(sorted(delta.items(), key=lambda kv: -kv[1]))}
+
+
+def settle(timeout: float = 900.0, poll: float = 5.0) -> float:
+    """Wait until no namespace of an earlier run (`bench-*`, deleted in the background when that
+    series ended) is left; returns the seconds waited. Their garbage collection is thousands of
+    GET + DELETE requests a second for minutes (the namespace controller at 100 QPS): measured
+    alongside, it doubled N = 1,000's apply->Job p95 in a series started five minutes after the
+    last one ended. Leftovers not yet deleting (a run killed before its end) are deleted now."""
+    t0 = time.monotonic()
+    while True:
+        rows = [line.split() for line in kubectl("get", "namespaces", "--no-headers").splitlines()]
+        left = [r[0] for r in rows if r and r[0].startswith("bench-")]
+        if not left:
+            return round(time.monotonic() - t0, 1)
+        active = [r[0] for r in rows if r and r[0].startswith("bench-") and r[1] == "Active"]
+        if active:
+            kubectl("delete", "namespace", *active, "--wait=false")
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"namespaces of an earlier run still deleting after {timeout:.0f} s: {left}")
+        print(f"waiting for {len(left)} namespace(s) of an earlier run to be deleted", flush=True)
+        time.sleep(poll)
 
 
 def controller_manager_qps() -> str:
@@ -441,6 +500,7 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
     if not controller_manager_qps().startswith("100 "):
         print(f"warning: kube-controller-manager at {controller_manager_qps()} requests/s, not the 100 of "
               "hack/localcluster.py (a cluster started before that change): `localcluster.py down; up`", flush=True)
+    settled_s = settle()  # before the clock of any size starts, and before the simulated node
     sim = start_sim_node(work)
     results = []
     try:
@@ -448,10 +508,11 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         if baseline_ref:
             src = baseline_tree(baseline_ref, work)
             for n in baseline_sizes:
-                results.append(run_one(n, work, s3env, src=src, label=f"before {baseline_ref[:12]}", **timing))
+                results.append(run_one(n, work, s3env, src=src, label=f"before {baseline_ref[:12]}",
+                                      sim_pid=sim.pid, **timing))
                 print(json.dumps(results[-1]), flush=True)
         for n in sizes:
-            results.append(run_one(n, work, s3env, **timing))
+            results.append(run_one(n, work, s3env, sim_pid=sim.pid, **timing))
             print(json.dumps(results[-1]), flush=True)
     finally:
         os.killpg(sim.pid, signal.SIGTERM)
@@ -470,6 +531,7 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
                 "kube_controller_manager_qps": controller_manager_qps(),
                 "apply": "the create's answer (client clock); Job seen by a watch",
                 "window": "opens once every training job's Job counts a Ready pod",
-                "namespaces": "kept until the series ends, then deleted in the background"}
+                "namespaces": "kept until the series ends, then deleted in the background",
+                "settled_s": settled_s}
     return {"settings": {**settings, **{k: v for k, v in timing.items() if k != "rate"}},
             "raw": results, "figures": figures(results)}

@@ -37,6 +37,7 @@ KIND = "LoRATrainingJob"
 FAST_FORWARD = "podsim.lora.dev/finish-before"
 IO_SLOTS = threading.BoundedSemaphore(16)  # S3 and API writes in flight across all simulated pods
 _SECRET_TTL = 30.0
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: a thousand configs arrive at once
 
 
 def now() -> str:
@@ -205,7 +206,7 @@ class SimPod(threading.Thread):
             cm = self.runner.api.get(f"/api/v1/namespaces/{self.ns}/configmaps/{ref['name']}") or {}
             for text in (cm.get("data") or {}).values():
                 try:
-                    doc = yaml.safe_load(text)
+                    doc = yaml.load(text, Loader=_LOADER)
                 except yaml.YAMLError:
                     continue
                 if isinstance(doc, dict) and doc.get("kind") == KIND:

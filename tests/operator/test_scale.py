@@ -240,3 +240,31 @@ def test_should_run_a_failed_pass_again_after_the_retry_delay(monkeypatch):
     monkeypatch.setattr(rt.time, "monotonic", lambda: 1e12)
     runtime._retry_due()
     assert len(runtime.queue) == 1
+
+
+def test_should_run_the_kubeconfig_refresh_hook_at_most_once_a_minute(monkeypatch):
+    from lora_operator.clients import kube
+
+    now = [1000.0]
+    monkeypatch.setattr(kube.time, "monotonic", lambda: now[0])
+    calls = []
+    refresh = kube._throttled(calls.append, kube.KUBECONFIG_REFRESH_S)
+    refresh("conf-1")
+    now[0] += kube.KUBECONFIG_REFRESH_S - 1
+    refresh("conf-2")
+    assert calls == ["conf-1"], "a second call inside the minute reuses the credentials already set"
+    now[0] += 1
+    refresh("conf-3")
+    assert calls == ["conf-1", "conf-3"], "after a minute the loader looks again (it renews 5 min before expiry)"
+
+
+def test_should_write_the_trainers_config_as_yaml_that_reads_back_as_the_manifest(owner, make_spec):
+    import yaml
+
+    from lora_operator.builders import build_configmap
+    from lora_operator.builders.configmap import trainer_manifest
+
+    spec = make_spec()
+    text = build_configmap(owner, spec, image="img:1", endpoint="http://s3:9000")["data"]["job.yaml"]
+    assert yaml.safe_load(text) == trainer_manifest(owner, spec, image="img:1", endpoint="http://s3:9000")
+    assert not text.lstrip().startswith("{"), "block YAML a person can read, not one JSON line"
