@@ -67,6 +67,10 @@ def test_operator_bench_runs_jobs_to_succeeded_on_simulated_pods_and_counts_api_
     # The operator may make no request at all in a 4 s window (it reads progress every 30 s and
     # GETs nothing per pass): check the counting itself on a request we make.
     assert raw["requests_per_job_min"] >= 0 and raw["operator_peak_rss_mb"] > 0
+    assert raw["status_window_s"] <= 4 and raw["status_writes_max_per_job"] >= 0
+    # who spent the CPU while the jobs arrived, and what they asked of the API server
+    assert raw["cpu_arrival_s"]["operator"] > 0 and raw["cpu_arrival_s"]["kube-apiserver"] > 0, raw["cpu_arrival_s"]
+    assert raw["requests_arrival_per_job"][f"POST/{operator_bench.PLURAL}"] >= 1.0, raw["requests_arrival_per_job"]
     before = operator_bench.request_counts()
     operator_bench.kubectl("get", "namespaces")
     after = operator_bench.request_counts()
@@ -89,3 +93,28 @@ def test_gpu_script_trl_dry_run_reports_ours_and_trl_with_ratios(tmp_path):
         assert report[side]["tokens_per_s"] > 0 and report[side]["mfu"] > 0
     assert report["ratios"]["tokens_per_s"] == pytest.approx(
         report["ours"]["tokens_per_s"] / report["trl"]["tokens_per_s"])
+
+
+def test_operator_bench_counts_status_writes_per_job_from_the_watch():
+    """The per-interval figure: a changed status is a write, a repeated one (a re-list) is not,
+    the create is not, and only writes inside the window of the jobs asked about count."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import operator_bench
+
+    watcher = operator_bench.Watcher("ns")
+
+    def seen(name, t, **status):
+        watcher.saw_ltj({"metadata": {"name": name}, "status": status}, t)
+
+    seen("a", 0.0)  # created
+    seen("a", 1.0, phase="Training", progress={"step": 1})
+    seen("a", 1.5, phase="Training", progress={"step": 1})  # a re-list: the same status
+    seen("b", 2.0)
+    seen("a", 20.0, phase="Training", progress={"step": 3})
+    seen("b", 25.0, phase="Training", progress={"step": 2})
+    seen("c", 26.0)
+    seen("c", 27.0, phase="Succeeded")
+    seen("a", 31.0, phase="Training", progress={"step": 5})  # after the window
+    assert watcher.writes_between(1.0, 31.0, {"a", "b"}) == {"a": 2, "b": 1}
+    assert watcher.writes_between(0.0, 100.0, {"a"}) == {"a": 3}
+    assert watcher.succeeded == {"c": 27.0}
