@@ -296,19 +296,43 @@ def _wait(predicate, timeout: float, poll: float = 0.5) -> bool:
     return predicate()
 
 
+def _minio(s3env: dict):
+    from minio import Minio
+
+    endpoint = s3env["S3_ENDPOINT"]
+    return Minio(endpoint.split("://", 1)[1], access_key=s3env["AWS_ACCESS_KEY_ID"],
+                 secret_key=s3env["AWS_SECRET_ACCESS_KEY"], secure=endpoint.startswith("https"))
+
+
+def drop_buckets(s3env: dict) -> int:
+    """Delete every bucket an operator bench made (`bench-*`, one per size, named after its
+    namespace, with all its objects); returns how many. SeaweedFS keeps volumes per bucket (a
+    collection), and 40-odd leftover buckets of earlier runs filled the local stack's volume
+    server: the stand-in trainers' writes failed with "No writable volumes"."""
+    from minio.deleteobjects import DeleteObject
+
+    minio = _minio(s3env)
+    dropped = 0
+    for bucket in minio.list_buckets():
+        if not bucket.name.startswith("bench-"):
+            continue
+        objects = (DeleteObject(o.object_name) for o in minio.list_objects(bucket.name, recursive=True))
+        for error in minio.remove_objects(bucket.name, objects):
+            raise RuntimeError(f"cannot empty bucket {bucket.name}: {error}")
+        minio.remove_bucket(bucket.name)
+        dropped += 1
+    return dropped
+
+
 def _prepare(namespace: str, s3env: dict) -> str:
     from kubernetes import client
-    from minio import Minio
 
     core = client.CoreV1Api()
     core.create_namespace({"metadata": {"name": namespace}})
     core.create_namespaced_secret(namespace, {"metadata": {"name": "s3-credentials"}, "stringData": {
         "AWS_ACCESS_KEY_ID": s3env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": s3env["AWS_SECRET_ACCESS_KEY"]}})
-    endpoint = s3env["S3_ENDPOINT"]
-    minio = Minio(endpoint.split("://", 1)[1], access_key=s3env["AWS_ACCESS_KEY_ID"],
-                  secret_key=s3env["AWS_SECRET_ACCESS_KEY"], secure=endpoint.startswith("https"))
     bucket = namespace
-    minio.make_bucket(bucket)
+    _minio(s3env).make_bucket(bucket)
     return bucket
 
 
@@ -439,7 +463,8 @@ def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
 def settle(timeout: float = 900.0, poll: float = 5.0) -> float:
     """Wait until no namespace of an earlier run (`bench-*`, deleted in the background when that
     series ended) is left; returns the seconds waited. Their garbage collection is a GET and a
-    DELETE per object for minutes (the namespace controller at 100 QPS), which a size measured
+    DELETE per object for a minute or two (the namespace controller at 100 QPS; as long as the
+    stack stays down if it is stopped before that), which a size measured
     alongside would count as its own traffic (1.6 NetworkPolicy GETs and DELETEs per job per
     minute in one N = 1,000 window) and share its CPU with. Leftovers not yet deleting (a run
     killed before its end) are deleted now."""
@@ -533,6 +558,7 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         print(f"warning: kube-controller-manager at {controller_manager_qps()} requests/s, not the 100 of "
               "hack/localcluster.py (a cluster started before that change): `localcluster.py down; up`", flush=True)
     settled_s = settle()  # before the clock of any size starts, and before the simulated node
+    drop_buckets(s3env)  # of a run killed before its end
     sim = start_sim_node(work)
     results = []
     try:
@@ -556,6 +582,7 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         if spaces:
             subprocess.run(["kubectl", "--kubeconfig", str(KUBECONFIG), "delete", "namespace", *spaces,
                             "--wait=false"], capture_output=True, check=False)
+        drop_buckets(s3env)  # every job has finished (or the run failed): nothing writes to them now
     settings = {"sizes": list(sizes), "baseline_ref": baseline_ref,
                 "baseline_sizes": list(baseline_sizes) if baseline_ref else [],
                 "arrival_per_s": timing.get("rate", RATE), "arrival_threads": ARRIVAL_THREADS,
