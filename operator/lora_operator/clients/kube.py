@@ -27,7 +27,7 @@ MAX_EVENT_PREFIX = 253 - 13
 WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 SECRET_TTL = 60.0  # seconds a job's storage credentials are reused (progress reads, not per read)
-KUBECONFIG_REFRESH_S = 60.0  # see _throttled
+KUBECONFIG_REFRESH_S = 60.0  # see _throttled (kubeconfig and in-cluster loaders alike)
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -44,12 +44,13 @@ def event_name(owner: str) -> str:
 
 
 def _throttled(hook: Callable[[Any], None], every: float) -> Callable[[Any], None]:
-    """The kubeconfig loader's refresh hook, at most once per `every` seconds.
+    """The config loader's refresh hook, at most once per `every` seconds.
 
-    The loader calls it before every request, and it sets the host and credentials again each time
-    (0.2 ms of CPU, a fifth of a small request's). It renews a token 5 minutes before it expires
-    (kube_config's EXPIRY_SKEW_PREVENTION_DELAY), so looking once a minute still renews in time.
-    In a cluster (in-cluster config) there is no such hook."""
+    The client calls it before every request, and it sets the host and credentials again each
+    time (0.2 ms of CPU, a fifth of a small request's). Once a minute still renews in time: the
+    kubeconfig loader renews a token 5 minutes before it expires (EXPIRY_SKEW_PREVENTION_DELAY),
+    and in a cluster the kubelet replaces the projected service-account token at 80% of its
+    lifetime (10 minutes at the least), so the one read before is valid for minutes more."""
     last = [-every]
     lock = threading.Lock()
 
