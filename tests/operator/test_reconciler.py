@@ -219,36 +219,11 @@ def test_should_read_progress_on_every_resync_even_when_the_pass_comes_a_little_
     reconciler.reconcile("ns", "demo")  # the start: no read for one interval
     kube.objects[("Job", "demo-a1")]["status"] = {"active": 1, "startTime": "2025-01-01T00:00:02Z"}
     reads = []
-    for at, resync in ((1028.0, True), (1040.0, False), (1055.0, True), (1083.0, True)):
-        now[0] = at  # resyncs 2 s early / a Job event / 2 s early again
-        if resync:
-            reconciler.new_round()
+    for at in (1028.0, 1040.0, 1055.0, 1083.0):  # resyncs 2 s early / a Job event / 2 s early again
+        now[0] = at
         reconciler.reconcile("ns", "demo")
         reads.append(len(storage.reads))
     assert reads == [1, 1, 2, 3], "one read per resync, none for the pass 12 s after a read"
-
-
-def test_should_read_progress_once_per_resync_round_when_the_queue_wait_shrinks(world, monkeypatch):
-    """Right after a thousand jobs start, a round's pass can come 12 s late and the next one's on
-    time: 18 s apart. A time-only rule (3/4 of the interval) skipped that pass and the job went
-    two intervals unread; per round it is read, and never twice in a round or within 15 s."""
-    from lora_operator.handlers import reconcile as rec
-
-    kube, storage, make = world
-    storage.progress = {"jobUid": "u-1", "state": "Training", "step": 3, "totalSteps": 10}
-    now = [1000.0]
-    monkeypatch.setattr(rec.time, "monotonic", lambda: now[0])
-    reconciler = make(progress_interval=30, resync_interval=30)
-    reconciler.reconcile("ns", "demo")  # the start
-    kube.objects[("Job", "demo-a1")]["status"] = {"active": 1, "startTime": "2025-01-01T00:00:02Z"}
-    reads = []
-    for at, resync in ((1042.0, True), (1060.0, True), (1075.0, False), (1090.0, True), (1100.0, True)):
-        now[0] = at  # round 1 late by 12 s / round 2 on time / a Job event / round 3 / a round 10 s on
-        if resync:
-            reconciler.new_round()
-        reconciler.reconcile("ns", "demo")
-        reads.append(len(storage.reads))
-    assert reads == [1, 2, 2, 3, 3]
 
 
 def test_should_drop_invalid_progress_fields_report_them_once_and_still_write_status(world):

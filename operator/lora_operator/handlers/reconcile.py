@@ -78,7 +78,7 @@ from ..status.channel import resolve_champion
 from .starts import StartLedger
 
 log = logging.getLogger(__name__)
-READ_FLOOR = 0.5  # of the resync interval, before a whole progress interval: see _read_due
+READ_DUE = 0.75  # of the progress interval: a progress read is due (see _read_progress)
 KUEUE_GROUP = "kueue.x-k8s.io"
 
 
@@ -113,7 +113,6 @@ class _Read:
     at: float
     report: dict | None
     reported: tuple[str, ...] = ()
-    round: int = 0  # the resync round it was read in (Reconciler.new_round)
 
 
 class Reconciler:
@@ -130,18 +129,12 @@ class Reconciler:
         self._progress: dict[str, _Read] = {}
         self._starts = StartLedger()  # the namespace running limit under parallel passes
         self._written: dict[str, int] = {}  # key -> resourceVersion of our last status write
-        self._round = 0  # resync rounds begun (new_round): progress reads are due once per round
         # A start's children other than the Job are created side by side (workers x 2 at most).
         self._side = ThreadPoolExecutor(max_workers=2 * config.workers, thread_name_prefix="lora-children")
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
-
-    def new_round(self) -> None:
-        """The resync is about to queue a pass for every unfinished job (once per resync interval)."""
-        with self._guard:
-            self._round += 1
 
     def forget(self, key: str) -> None:
         """Drop what is kept for one job (`namespace/name`): it is gone."""
@@ -217,8 +210,7 @@ class Reconciler:
                             queue_name=queue, jobs=tuple(jobs), blocked=blocked, workload=workload)
         if started:
             # A Job created this pass has written nothing yet: no progress read until the interval.
-            self._progress[f"{owner.namespace}/{owner.name}"] = _Read(owner.uid, time.monotonic(), None,
-                                                                      round=self._round)
+            self._progress[f"{owner.namespace}/{owner.name}"] = _Read(owner.uid, time.monotonic(), None)
             if self.later is not None:  # the status write waits behind the next new job's start
                 self.later(owner.namespace, owner.name, body)
                 return derive_status(observed)
@@ -348,16 +340,22 @@ class Reconciler:
 
     def _read_progress(self, body: Mapping[str, Any], owner: Owner, spec: LoRATrainingJobSpec,
                        jobs: list[JobView]) -> dict | None:
-        """progress.json, about once per LORA_PROGRESS_INTERVAL (_read_due), always when an
-        attempt ended. Only the validated part is used; what was dropped is told once, as a
-        Warning Event."""
+        """progress.json, about once per LORA_PROGRESS_INTERVAL, always when an attempt ended.
+
+        The resync (every interval) is what brings most reads; its passes come a few seconds early
+        or late with the queue's wait, so a read is due after READ_DUE of the interval. A strict
+        "a whole interval" skipped every early resync pass, and jobs started together then read
+        once per two intervals, all in the same half (the bench's N = 1,000 window saw none).
+        Only the validated part is used; what was dropped is told once, as a Warning Event.
+        """
         if not jobs:
             return None
         key = f"{owner.namespace}/{owner.name}"
         current = max(jobs, key=lambda j: j.attempt)
         cached = self._progress.get(key)
         cached = cached if cached and cached.uid == owner.uid else None
-        if cached and current.outcome is None and not self._read_due(cached):
+        due = READ_DUE * self.config.progress_interval
+        if cached and current.outcome is None and time.monotonic() - cached.at < due:
             return cached.report
         endpoint = job_endpoint(spec, self.config)
         if not endpoint:
@@ -368,26 +366,8 @@ class Reconciler:
         reported = cached.reported if cached else ()
         if problems and problems != reported:
             self.kube.emit_event(body, "Warning", conditions.INVALID_PROGRESS, "; ".join(problems))
-        self._progress[key] = _Read(owner.uid, time.monotonic(), report, problems or reported, round=self._round)
+        self._progress[key] = _Read(owner.uid, time.monotonic(), report, problems or reported)
         return report
-
-    def _read_due(self, last: _Read) -> bool:
-        """Whether a running job's progress is read in this pass.
-
-        The resync (every LORA_RESYNC_INTERVAL) brings most reads, one pass per job per round, a
-        few seconds early or late with the queue's wait, and the wait changes from round to
-        round (long while a thousand jobs start, short after). So a read is due at the first
-        pass of a new round, unless less than the progress interval minus half a resync
-        interval has passed since the last read (at the defaults 15 s: a late pass of one round
-        and an early one of the next; with a longer progress interval, the rounds in between),
-        and at any pass once a whole progress interval has passed. One read per round at most, then, whatever the queue.
-        A time-only rule skipped a pass that came a few seconds earlier than the last read's:
-        "a whole interval" skipped every early resync pass (N = 1,000: no read in a 30 s
-        window), "3/4 of it" every pass more than 7.5 s earlier (a fifth of the jobs right
-        after a thousand started), and those jobs were read once per two intervals."""
-        elapsed, interval = time.monotonic() - last.at, self.config.progress_interval
-        floor = max(0.0, interval - (1 - READ_FLOOR) * self.config.resync_interval)
-        return elapsed >= interval or (last.round < self._round and elapsed >= floor)
 
     def _credentials(self, owner: Owner, spec: LoRATrainingJobSpec, endpoint: str) -> tuple[str | None, str | None]:
         """The operator's own keys only for its own endpoint; else the job's Secret, from the job's

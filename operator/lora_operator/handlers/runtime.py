@@ -147,7 +147,6 @@ class Runtime:
         """One LIST of all jobs; queue a pass for each one not finished, with its listed body
         (the pass uses it unless it is older than the job's last status write). Returns how many."""
         items = self.kube.list_ltjs(self.namespaces)
-        self.reconciler.new_round()
         queued = 0
         for item in items:
             meta, status = item["metadata"], item.get("status") or {}
