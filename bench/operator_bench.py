@@ -44,6 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HACK = ROOT / "hack"  # the local stack's modules (localcluster, localcluster_proc): on the path
+if str(HACK) not in sys.path:
+    sys.path.insert(0, str(HACK))
 LOCAL = Path(os.environ.get("LORA_LOCAL_DIR", ROOT / ".local"))
 KUBECONFIG = LOCAL / "kubeconfig"
 SIM_NODE = "local-sim-node"
@@ -76,10 +79,15 @@ def request_counts() -> Counter:
     return counts
 
 
+def _deltas(before: Counter, after: Counter) -> dict[str, float]:
+    """Requests made between two request_counts readings, by "verb/resource[/subresource]"."""
+    return {"/".join(filter(None, k)): after[k] - before[k] for k in after if after[k] > before[k]}
+
+
 def per_job(before: Counter, after: Counter, n: int, top: int = 15) -> dict[str, float]:
     """API requests (all clients) between two readings per job, by verb/resource/subresource,
     the `top` most frequent, and their total."""
-    delta = {"/".join(filter(None, k)): (after[k] - before[k]) / max(1, n) for k in after if after[k] > before[k]}
+    delta = {k: v / max(1, n) for k, v in _deltas(before, after).items()}
     rows = sorted(delta.items(), key=lambda kv: -kv[1])
     return {"total": round(sum(delta.values()), 2), **{k: round(v, 2) for k, v in rows[:top]}}
 
@@ -107,12 +115,13 @@ def component_cpu(extra: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far (utime + stime, all threads) of each local-stack component its pid file
     names (.local/pids: kube-apiserver, etcd, kube-controller-manager, ...) and of `extra`
     (name -> pid); a process gone or unreadable is left out."""
+    from localcluster_proc import recorded  # hack/ (see HACK)
+
     pids = dict(extra)
     for record in sorted((LOCAL / "pids").glob("*.pid")):
-        try:
-            pids.setdefault(record.stem, int(json.loads(record.read_text())["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        proc = recorded(record.stem, LOCAL / "pids", LOCAL / "logs")
+        if proc is not None:
+            pids.setdefault(record.stem, proc.pid)
     out = {}
     for name, pid in pids.items():
         try:
@@ -140,7 +149,7 @@ def _job(name: str, bucket: str, steps: int, step_s: float) -> dict:
 
 
 def start_sim_node(work: Path) -> subprocess.Popen:
-    argv = [sys.executable, str(ROOT / "hack" / "podrunner.py"), "--simulate", "--selected-only",
+    argv = [sys.executable, str(HACK / "podrunner.py"), "--simulate", "--selected-only",
             f"--node-name={SIM_NODE}", f"--kubeconfig={KUBECONFIG}", f"--work-dir={work / 'sim-pods'}"]
     with (work / "sim-node.log").open("a") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -448,8 +457,7 @@ def _window(watcher: Watcher, training: set[str], window_s: float) -> dict:
     writes = watcher.writes_between(t0, t0 + span, training)
     per_interval = sum(writes.values()) / max(1, len(training)) / (span / INTERVAL)
     per_job_min = 60.0 / elapsed / max(1, len(training))
-    delta = {"/".join(filter(None, k)): round((after[k] - before[k]) * per_job_min, 3)
-             for k in after if after[k] - before[k] > 0}
+    delta = {k: round(v * per_job_min, 3) for k, v in _deltas(before, after).items()}
     return {"window_s": round(elapsed, 1), "window_all_training": all_training,
             "training_jobs": len(training),
             "status_patches_per_job_min": delta.get(f"PATCH/{PLURAL}/status", 0.0),
@@ -471,10 +479,11 @@ def settle(timeout: float = 900.0, poll: float = 5.0) -> float:
     t0 = time.monotonic()
     while True:
         rows = [line.split() for line in kubectl("get", "namespaces", "--no-headers").splitlines()]
-        left = [r[0] for r in rows if r and r[0].startswith("bench-")]
+        ours = [r for r in rows if r and r[0].startswith("bench-")]
+        left = [r[0] for r in ours]
         if not left:
             return round(time.monotonic() - t0, 1)
-        active = [r[0] for r in rows if r and r[0].startswith("bench-") and r[1] == "Active"]
+        active = [r[0] for r in ours if r[1] == "Active"]
         if active:
             kubectl("delete", "namespace", *active, "--wait=false")
         if time.monotonic() - t0 > timeout:
@@ -546,8 +555,6 @@ def run(work: Path, sizes=(50, 500, 1000, 2000), baseline_ref: str | None = None
         baseline_sizes=(500,), **timing) -> dict:
     """timing: window_s, idle_s, rate of run_one (the smoke test makes them short)."""
     from kubernetes import config
-
-    sys.path.insert(0, str(ROOT / "hack"))
     from localcluster import read_s3_env
 
     work.mkdir(parents=True, exist_ok=True)
